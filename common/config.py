@@ -1,0 +1,196 @@
+"""The experiment's arguments (one dataclass, shared by both scripts) and the Profile each script passes.
+
+Everything that defines the experiment lives in `ExperimentArguments` and is identical in both runs;
+a `Profile` holds only execution settings (precision, checkpoint management, pinned memory, speed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+DEFAULT_MODEL = "meta-llama/Llama-3.2-1B"
+EVAL_METHODS = ("loglik", "generate", "both")
+
+
+class ConfigError(ValueError):
+    """An argument the user must fix."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The settings in which baseline.py and modified.py differ, and nothing else."""
+
+    name: str
+    precision: str  # "fp32" (TF32 off) or "mixed" (bf16 autocast where supported, else fp16 + GradScaler)
+    save_total_limit: int | None  # None keeps every epoch's checkpoint
+    load_best_model_at_end: bool  # select the best epoch on the selection slice by accuracy
+    pin_memory: bool
+    gradient_checkpointing: bool = True
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step; the batch size stays the experiment's
+    optim: str = "adamw_torch"  # a TrainingArguments optimizer name
+    use_liger_kernel: bool = False
+    torch_compile: bool = False
+    train_sampling_strategy: str = "random"  # or "group_by_length"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "mixed"):
+            raise ConfigError(f"Profile.precision must be 'fp32' or 'mixed', got {self.precision!r}")
+
+
+@dataclass
+class ExperimentArguments:
+    """Arguments shared by baseline.py and modified.py. `--smoke` runs offline on a tiny model and our sample."""
+
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "Hub id, local model directory, or local .gguf file ('smoke': tiny offline model)."},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "PIQA in its release layout (train.jsonl + train-labels.lst, valid.jsonl + "
+                  "valid-labels.lst). Default: the Hub's parquet copy ybisk/piqa."},
+    )
+    smoke: bool = field(
+        default=False,
+        metadata={"help": "Offline embedded default: tiny random Llama, the bundled sample data, a few steps, CPU ok."},
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Run directory (default: runs/<profile name>)."})
+    train_samples: int | None = field(
+        default=None, metadata={"help": "Training examples drawn from the train split after the selection slice (default: all)."}
+    )
+    selection_samples: int = field(
+        default=500,
+        metadata={"help": "Examples held out from the train split to select the best epoch (never reported)."},
+    )
+    eval_samples: str = field(
+        default="200",
+        metadata={"help": "Validation examples reported before and after training, drawn with --seed; 'all' for every one."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for data subsets, shuffling and initialisation."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all epochs)."})
+    batch_size: int = field(
+        default=128,
+        metadata={"help": "Examples per optimizer step, over all GPUs; each profile splits it into micro-batches "
+                  "(micro-batch = batch / (gradient accumulation x GPUs))."},
+    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (AdamW)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of optimizer steps spent warming up linearly."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_length: int = field(
+        default=512, metadata={"help": "Longest training sequence in tokens; examples cut by it are counted and reported."}
+    )
+    eval_method: str = field(
+        default="loglik", metadata={"help": "Accuracy method: 'loglik' (multiple choice), 'generate', or 'both'."}
+    )
+    eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation forward pass (both choices)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
+    monitor_interval: float = field(default=1.0, metadata={"help": "Seconds between GPU memory samples."})
+    pmon: bool = field(default=False, metadata={"help": "Also record `nvidia-smi pmon` into pmon.txt."})
+    eval_only: bool = field(default=False, metadata={"help": "Evaluate --model without training (needs only validation files)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished or partial run in the run directory."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in the run directory."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub to run."})
+
+    def eval_sample_count(self) -> int | None:
+        """The number of reported validation examples; None for all."""
+        if self.eval_samples == "all":
+            return None
+        try:
+            return int(self.eval_samples)
+        except ValueError:
+            raise ConfigError(f"--eval-samples must be a positive integer or 'all', got {self.eval_samples!r}") from None
+
+    def micro_batch_size(self, profile: Profile, world_size: int = 1) -> int:
+        """Examples per device per forward pass, so that every profile trains on the same batch."""
+        per_step = profile.gradient_accumulation_steps * world_size
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is not divisible by gradient accumulation "
+                f"{profile.gradient_accumulation_steps} x {world_size} GPU(s)"
+            )
+        return self.batch_size // per_step
+
+    def validate(self) -> None:
+        """Check everything up front, before any data or model is loaded."""
+        positive = {
+            "--batch-size": self.batch_size,
+            "--learning-rate": self.learning_rate,
+            "--num-train-epochs": self.num_train_epochs,
+            "--eval-batch-size": self.eval_batch_size,
+            "--max-length": self.max_length,
+            "--logging-steps": self.logging_steps,
+            "--monitor-interval": self.monitor_interval,
+            "--selection-samples": self.selection_samples,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be greater than 0, got {value}")
+        if self.train_samples is not None and self.train_samples <= 0:
+            raise ConfigError(f"--train-samples must be greater than 0, got {self.train_samples}")
+        count = self.eval_sample_count()
+        if count is not None and count <= 0:
+            raise ConfigError(f"--eval-samples must be greater than 0 or 'all', got {count}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"--max-steps must be -1 (all epochs) or positive, got {self.max_steps}")
+        if self.eval_method not in EVAL_METHODS:
+            raise ConfigError(f"--eval-method must be one of {', '.join(EVAL_METHODS)}, got {self.eval_method!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pick one")
+
+
+# --smoke changes these defaults; anything given on the command line still wins.
+SMOKE_DEFAULTS = {
+    "model": "smoke",
+    "selection_samples": 16,
+    "eval_samples": "40",
+    "num_train_epochs": 2.0,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "eval_batch_size": 16,
+    "logging_steps": 1,
+    "monitor_interval": 0.5,
+}
+
+
+SECRET_KEYS = ("token", "hub_token", "password", "secret")
+
+
+def redact(config: dict) -> dict:
+    """Never write an access token to disk: drop any key that looks like a secret."""
+    return {k: ("<redacted>" if any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()}
+
+
+def parse_arguments(argv: list[str] | None = None) -> ExperimentArguments:
+    """Command line, or a single JSON file (`python3 baseline.py config.json`), as HF's run_clm.py does."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(ExperimentArguments)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = json.loads(path.read_text())
+            if values.get("smoke"):
+                values = {**SMOKE_DEFAULTS, **values}
+            (args,) = parser.parse_dict(values, allow_extra_keys=False)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ConfigError(f"{path}: {err}") from None
+    else:
+        if "--smoke" in argv:
+            parser.set_defaults(**SMOKE_DEFAULTS)
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args.validate()
+    return args
+
+
+def resolved_config(args: ExperimentArguments, profile: Profile) -> dict:
+    return {"experiment": redact(asdict(args)), "profile": asdict(profile)}

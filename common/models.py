@@ -1,0 +1,153 @@
+"""Load a causal LM and its tokenizer: a Hub id, a local folder, a local `.gguf` file, the tiny smoke
+model, or the Llama-3.2-1B architecture with random weights (for speed and memory work)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SMOKE_MODEL = "smoke"  # --model value (and what --smoke selects): tiny random Llama, byte-level tokenizer
+LLAMA_3_2_1B_RANDOM = "llama-3.2-1b-random"  # --model value: Llama-3.2-1B's shapes, random weights, no download
+LLAMA_3_2_1B_PARAMETERS = 1_235_814_400
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says how to fix it."""
+
+
+def llama_3_2_1b_config(vocab_size: int = 128256) -> LlamaConfig:
+    """meta-llama/Llama-3.2-1B's config.json, written out so no download is needed."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        hidden_act="silu",
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128001,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def smoke_config(vocab_size: int) -> LlamaConfig:
+    """A Llama small enough to train on a CPU in seconds."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges (one token per byte): offline, deterministic, lossless."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    return tokenizer
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    if model in (SMOKE_MODEL, LLAMA_3_2_1B_RANDOM):
+        return byte_level_tokenizer()
+    path = Path(model)
+    try:
+        if path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - re-raised as one clear line
+        raise ModelLoadError(explain_load_failure(model, err)) from err
+    if tokenizer.pad_token is None:
+        # Llama 3 ships no pad token; padding positions are masked out, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_model_path(model: str) -> None:
+    """Fail early, with a clear line, on a local path that cannot hold a model."""
+    if model in (SMOKE_MODEL, LLAMA_3_2_1B_RANDOM):
+        return
+    path = Path(model)
+    looks_local = path.suffix == ".gguf" or model.startswith((".", "/", "~")) or path.exists()
+    if not looks_local:
+        return
+    if not path.exists():
+        raise ModelLoadError(f"--model {model}: no such file or directory")
+    if path.suffix == ".gguf":
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(f"--model {model}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    elif path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"--model {model}: the directory holds no model (no config.json)")
+
+
+def load_model(model: str, tokenizer, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Weights in fp32: the Trainer's mixed precision keeps fp32 master weights and autocasts."""
+    if model == SMOKE_MODEL:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(smoke_config(len(tokenizer)))
+    if model == LLAMA_3_2_1B_RANDOM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(llama_3_2_1b_config())
+    check_model_path(model)
+    path = Path(model)
+    try:
+        if path.suffix == ".gguf":
+            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not path.is_dir() or None
+        )
+    except Exception as err:  # noqa: BLE001 - re-raised as one clear line
+        raise ModelLoadError(explain_load_failure(model, err)) from err
+
+
+def explain_load_failure(model: str, err: Exception) -> str:
+    text = f"{type(err).__name__}: {err}"
+    first_line = text.strip().splitlines()[0][:300]
+    if Path(model).exists():
+        return f"--model {model}: could not load it ({first_line})"
+    if any(k in text for k in ("gated", "401", "403", "restricted", "awaiting a review")):
+        return (
+            f"--model {model}: the model is gated. Run `huggingface-cli login`, accept the licence on "
+            f"https://huggingface.co/{model}, or pass a local directory or .gguf file with --model."
+        )
+    return (
+        f"--model {model}: could not load it from the Hugging Face Hub ({first_line}). The Hub may be "
+        "unreachable (offline?): download the model elsewhere and pass its local directory or .gguf file "
+        "with --model, or use --smoke for the offline tiny model."
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,83 @@
+"""metrics.json (machine-readable, written as the run goes) and the console summary table."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+
+
+class MetricsFile:
+    """A metrics.json rewritten after every phase, so an interrupted run still leaves what it measured."""
+
+    def __init__(self, path: Path, initial: dict):
+        self.path = path
+        self.data = {"status": "running", **initial}
+
+    def update(self, **sections) -> None:
+        self.data.update(sections)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+def environment() -> dict:
+    """The card and the versions, so every number can be traced to what produced it."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def summary_table(metrics: dict) -> str:
+    """The final table on the console: what the run measured, each with its unit."""
+    rows: list[tuple[str, str]] = []
+    timing = metrics.get("timing", {})
+    train = metrics.get("train", {})
+    accuracy = metrics.get("accuracy", {})
+    memory = metrics.get("memory", {})
+
+    def add(label: str, value, fmt: str = "{}") -> None:
+        if value is not None:
+            rows.append((label, fmt.format(value)))
+
+    add("profile", metrics.get("profile"))
+    add("status", metrics.get("status"))
+    add("wall time (s)", timing.get("wall_s"), "{:.1f}")
+    add("train runtime (s)", timing.get("train_runtime_s"), "{:.1f}")
+    add("train samples/s", timing.get("train_samples_per_s"), "{:.2f}")
+    add("train non-padding tokens/s", timing.get("train_tokens_per_s"), "{:,.0f}")
+    add("optimizer steps", train.get("optimizer_steps"))
+    add("final train loss", train.get("final_loss"), "{:.4f}")
+    for phase in ("zero_shot", "fine_tuned"):
+        for method, result in accuracy.get(phase, {}).items():
+            add(f"{phase} {method} acc (%)", result.get("acc_pct"), "{:.2f}")
+            add(f"{phase} {method} acc_norm (%)", result.get("acc_norm_pct"), "{:.2f}")
+            add(f"{phase} {method} parse failures (%)", result.get("parse_failure_pct"), "{:.2f}")
+    add("accuracy change (points, loglik acc)", accuracy.get("change_acc_pts"), "{:+.2f}")
+    add("reported examples", accuracy.get("n_examples"))
+    for phase, peaks in (memory.get("torch") or {}).items():
+        if peaks and peaks.get("max_allocated_mib") is not None:
+            add(f"torch peak allocated, {phase} (MiB)", peaks["max_allocated_mib"], "{:,.0f}")
+            add(f"torch peak reserved, {phase} (MiB)", peaks["max_reserved_mib"], "{:,.0f}")
+    nvml = memory.get("nvml") or {}
+    for phase, gpus in (nvml.get("phases") or {}).items():
+        for gpu, stats in gpus.items():
+            add(f"NVML peak used, {gpu} {phase} (MiB)", stats.get("peak_used_mib"), "{:,.0f}")
+    add("checkpoint disk (MiB)", metrics.get("disk", {}).get("checkpoints_mib"), "{:,.0f}")
+    width = max((len(label) for label, _ in rows), default=0)
+    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)

@@ -1,0 +1,197 @@
+"""run(profile): the story of one experiment, the same for both scripts.
+
+arguments -> run directory guard -> data -> model -> zero-shot accuracy -> train (monitored)
+-> fine-tuned accuracy -> save -> metrics.json and a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from common.config import ConfigError, ExperimentArguments, Profile, parse_arguments, resolved_config
+from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
+from common.evaluation import EvalResult, evaluate, write_predictions
+from common.models import ModelLoadError, check_model_path, count_parameters, load_model, load_tokenizer
+from common.monitor import GpuMonitor, format_summary, torch_peak_memory
+from common.reporting import MetricsFile, environment, summary_table
+from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib
+from common.training import PiqaTrainer, autocast_dtype, build_training_arguments
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so the same cleanup runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run(profile: Profile, argv: list[str] | None = None) -> int:
+    """Entry point of baseline.py and modified.py; returns the process exit code."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        args = parse_arguments(argv)
+        run_dir = Path(args.output_dir or f"runs/{profile.name}")
+        resume_from = check_run_dir(run_dir, args.overwrite, args.resume)
+        check_model_path(args.model)
+        data = build_experiment_data(
+            args.data_dir,
+            args.smoke,
+            args.train_samples,
+            args.selection_samples,
+            args.eval_sample_count(),
+            args.seed,
+            need_train=not args.eval_only,
+        )
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+        model = load_model(args.model, tokenizer, args.trust_remote_code)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    try:
+        if not args.eval_only:
+            check_disk(run_dir, count_parameters(model), profile, math.ceil(args.num_train_epochs))
+        if args.overwrite:
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _run_experiment(args, profile, run_dir, data, model, tokenizer, resume_from)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from) -> int:
+    started_s = time.perf_counter()
+    (run_dir / "config.json").write_text(json.dumps(resolved_config(args, profile), indent=2) + "\n")
+    metrics = MetricsFile(
+        run_dir / "metrics.json",
+        {
+            "profile": profile.name,
+            "settings": asdict(profile),
+            "model": args.model,
+            "parameters": count_parameters(model),
+            "environment": environment(),
+            "data": {
+                "train_examples": len(data.train),
+                "selection_examples": len(data.selection),
+                "reported_examples": len(data.report),
+            },
+        },
+    )
+    torch_peaks: dict = {}
+    monitor = GpuMonitor(run_dir / "densenetsmi.txt", interval_s=args.monitor_interval, pmon=args.pmon)
+    try:
+        with monitor:
+            accuracy = {"n_examples": len(data.report)}
+            monitor.set_phase("eval")
+            with torch_peak_memory("eval_zero_shot", torch_peaks):
+                accuracy["zero_shot"] = _report_accuracy(args, profile, model, tokenizer, data, run_dir, "zero_shot")
+            metrics.update(accuracy=accuracy)
+
+            if not args.eval_only:
+                monitor.set_phase("train")
+                with torch_peak_memory("train", torch_peaks):
+                    trainer = _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics)
+                model = trainer.model
+                monitor.set_phase("eval")
+                with torch_peak_memory("eval", torch_peaks):
+                    accuracy["fine_tuned"] = _report_accuracy(args, profile, model, tokenizer, data, run_dir, "fine_tuned")
+                accuracy["change_acc_pts"] = (
+                    accuracy["fine_tuned"]["loglik"]["acc_pct"] - accuracy["zero_shot"]["loglik"]["acc_pct"]
+                    if "loglik" in accuracy["fine_tuned"] else None
+                )
+                metrics.update(accuracy=accuracy)
+                trainer.save_model(str(run_dir / "final_model"))
+                tokenizer.save_pretrained(str(run_dir / "final_model"))
+        status = "finished"
+    except KeyboardInterrupt as interrupt:
+        status = "interrupted"
+        print(f"\ninterrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'}): "
+              "partial results in metrics.json", file=sys.stderr)
+    finally:
+        metrics.data.setdefault("timing", {})["wall_s"] = time.perf_counter() - started_s
+        metrics.update(
+            memory={"nvml": monitor.summary(), "torch": torch_peaks},
+            disk={"checkpoints_mib": sum(directory_size_mib(p) for p in run_dir.glob("checkpoint-*"))},
+        )
+    metrics.update(status=status)
+    print(f"\n== {profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
+    print(format_summary(monitor.summary(), torch_peaks))
+    return 0 if status == "finished" else 130
+
+
+def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase: str) -> dict:
+    """Accuracy on the reported validation examples, one or both methods; predictions per example."""
+    methods = ["loglik", "generate"] if args.eval_method == "both" else [args.eval_method]
+    results = {}
+    for method in methods:
+        result: EvalResult = evaluate(
+            model, tokenizer, data.report, method=method, batch_size=args.eval_batch_size,
+            autocast_dtype=autocast_dtype(profile), progress=True,
+        )
+        suffix = "" if method == "loglik" else f"_{method}"
+        write_predictions(run_dir / f"predictions_{phase}{suffix}.jsonl", result)
+        results[method] = result.metrics()
+        print(f"{phase} {method}: {result.summary_line()}")
+    return results
+
+
+def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics) -> PiqaTrainer:
+    from datasets import Dataset
+
+    features, truncated = tokenize_examples(data.train, tokenizer, args.max_length)
+    if truncated:
+        print(f"note: --max-length {args.max_length} cut {truncated} of {len(features)} training examples")
+    trainer = PiqaTrainer(
+        model=model,
+        args=build_training_arguments(args, profile, str(run_dir)),
+        train_dataset=Dataset.from_list(features),
+        data_collator=PadToLongest(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        selection_examples=data.selection,
+        eval_batch_size=args.eval_batch_size,
+        eval_autocast_dtype=autocast_dtype(profile),
+        on_phase=monitor.set_phase,
+    )
+    if resume_from:
+        print(f"resuming from {resume_from}")
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        _record_training(metrics, trainer, truncated, resume_from)
+    runtime_s = output.metrics["train_runtime"]
+    metrics.data["timing"] = {
+        "train_runtime_s": runtime_s,
+        "train_samples_per_s": output.metrics["train_samples_per_second"],
+        "train_tokens_per_s": metrics.data["train"]["non_padding_tokens"] / runtime_s if runtime_s else None,
+    }
+    metrics.data["train"]["final_loss"] = output.training_loss
+    metrics.write()
+    return trainer
+
+
+def _record_training(metrics: MetricsFile, trainer: PiqaTrainer, truncated: int, resume_from) -> None:
+    state = trainer.state
+    per_epoch = [
+        {"epoch": e["epoch"], "step": e["step"], "accuracy_pct": e["eval_accuracy"]}
+        for e in state.log_history if "eval_accuracy" in e
+    ]
+    losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
+    metrics.update(train={
+        "optimizer_steps": state.global_step,
+        "non_padding_tokens": state.num_input_tokens_seen,
+        "truncated_examples": truncated,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "best_checkpoint": state.best_model_checkpoint,
+        "selection_accuracy_per_epoch": per_epoch,
+        "loss_per_step": losses,
+    })

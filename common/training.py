@@ -1,0 +1,122 @@
+"""TrainingArguments from the experiment and a Profile; a Trainer whose evaluation is PIQA accuracy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from common.config import ExperimentArguments, Profile
+from common.data import PiqaExample
+from common.evaluation import evaluate as evaluate_accuracy
+
+SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
+
+
+def mixed_precision_dtype() -> torch.dtype:
+    """bf16 where the hardware has it (any CUDA GPU from Ampere on, and CPUs); fp16 + GradScaler otherwise."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def autocast_dtype(profile: Profile) -> torch.dtype | None:
+    return mixed_precision_dtype() if profile.precision == "mixed" else None
+
+
+def world_size() -> int:
+    """Processes taking part (torchrun / accelerate set WORLD_SIZE); 1 for a plain run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_training_arguments(args: ExperimentArguments, profile: Profile, run_dir: str) -> TrainingArguments:
+    mixed = profile.precision == "mixed"
+    half = mixed_precision_dtype() if mixed else None
+    on_cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=run_dir,
+        # The experiment: identical in both profiles.
+        seed=args.seed,
+        data_seed=args.seed,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.micro_batch_size(profile, world_size()),
+        per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a share of all steps in transformers 5
+        weight_decay=args.weight_decay,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="steps",
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        report_to=["tensorboard"],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        # The profile: how the experiment is executed.
+        bf16=mixed and half == torch.bfloat16,
+        fp16=mixed and half == torch.float16,
+        tf32=False if on_cuda and not mixed else None,  # "standard" fp32: no TF32 matmuls in baseline
+        gradient_checkpointing=profile.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if profile.gradient_checkpointing else None,
+        save_total_limit=profile.save_total_limit,
+        load_best_model_at_end=profile.load_best_model_at_end,
+        metric_for_best_model=SELECTION_METRIC if profile.load_best_model_at_end else None,
+        greater_is_better=True if profile.load_best_model_at_end else None,
+        dataloader_pin_memory=profile.pin_memory and on_cuda,
+        gradient_accumulation_steps=profile.gradient_accumulation_steps,
+        optim=profile.optim,
+        use_liger_kernel=profile.use_liger_kernel,
+        torch_compile=profile.torch_compile,
+        train_sampling_strategy=profile.train_sampling_strategy,
+    )
+
+
+class PiqaTrainer(Trainer):
+    """The Trainer, with `evaluate()` measuring PIQA accuracy on the selection slice (log-likelihood method).
+
+    Each epoch's `eval_accuracy` is what `load_best_model_at_end` selects on. The reported
+    validation examples never pass through here.
+    """
+
+    def __init__(
+        self,
+        *args,
+        selection_examples: list[PiqaExample],
+        eval_batch_size: int,
+        eval_autocast_dtype: torch.dtype | None,
+        on_phase: Callable[[str], None] = lambda phase: None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.selection_examples = selection_examples
+        self.selection_batch_size = eval_batch_size
+        self.eval_autocast_dtype = eval_autocast_dtype
+        self.on_phase = on_phase
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        self.on_phase("select")
+        try:
+            result = evaluate_accuracy(
+                self.model,
+                self.processing_class,
+                self.selection_examples,
+                method="loglik",
+                batch_size=self.selection_batch_size,
+                autocast_dtype=self.eval_autocast_dtype,
+            )
+        finally:
+            self.on_phase("train")
+        metrics = {
+            f"{metric_key_prefix}_{SELECTION_METRIC}": result.acc_pct,
+            f"{metric_key_prefix}_acc_norm": result.acc_norm_pct,
+            f"{metric_key_prefix}_examples": result.n_examples,
+            f"{metric_key_prefix}_runtime": result.seconds,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
