@@ -21,7 +21,7 @@ from common.models import ModelLoadError, check_model_path, count_parameters, lo
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib
-from common.training import PiqaTrainer, autocast_dtype, build_training_arguments
+from common.training import PiqaTrainer, autocast_dtype, build_training_arguments, compute_device, world_size
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
 
@@ -39,6 +39,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args = parse_arguments(argv)
+        args.micro_batch_size(profile, world_size())
         run_dir = Path(args.output_dir or f"runs/{profile.name}")
         resume_from = check_run_dir(run_dir, args.overwrite, args.resume)
         check_model_path(args.model)
@@ -52,7 +53,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
             need_train=not args.eval_only,
         )
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-        model = load_model(args.model, tokenizer, args.trust_remote_code)
+        model = load_model(args.model, tokenizer, args.trust_remote_code).to(compute_device())
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -70,6 +71,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
 
 
 def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from) -> int:
+    status = "failed"  # until the run ends normally or is interrupted
     started_s = time.perf_counter()
     (run_dir / "config.json").write_text(json.dumps(resolved_config(args, profile), indent=2) + "\n")
     metrics = MetricsFile(
@@ -122,8 +124,8 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
         metrics.update(
             memory={"nvml": monitor.summary(), "torch": torch_peaks},
             disk={"checkpoints_mib": sum(directory_size_mib(p) for p in run_dir.glob("checkpoint-*"))},
+            status=status,
         )
-    metrics.update(status=status)
     print(f"\n== {profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
     print(format_summary(monitor.summary(), torch_peaks))
     return 0 if status == "finished" else 130
@@ -141,7 +143,8 @@ def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase
         suffix = "" if method == "loglik" else f"_{method}"
         write_predictions(run_dir / f"predictions_{phase}{suffix}.jsonl", result)
         results[method] = result.metrics()
-        print(f"{phase} {method}: {result.summary_line()}")
+        print(f"{phase} accuracy ({method}, {result.n_examples} examples, {result.seconds:.1f} s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics().items() if k.endswith("_pct")))
     return results
 
 
@@ -157,7 +160,7 @@ def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor,
         train_dataset=Dataset.from_list(features),
         data_collator=PadToLongest(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        selection_examples=data.selection,
+        eval_dataset=data.selection,
         eval_batch_size=args.eval_batch_size,
         eval_autocast_dtype=autocast_dtype(profile),
         on_phase=monitor.set_phase,

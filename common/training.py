@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -29,6 +30,13 @@ def autocast_dtype(profile: Profile) -> torch.dtype | None:
 def world_size() -> int:
     """Processes taking part (torchrun / accelerate set WORLD_SIZE); 1 for a plain run."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def compute_device() -> torch.device:
+    """This process's GPU (its LOCAL_RANK under torchrun), else the CPU; the zero-shot evaluation runs there too."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def build_training_arguments(args: ExperimentArguments, profile: Profile, run_dir: str) -> TrainingArguments:
@@ -61,13 +69,13 @@ def build_training_arguments(args: ExperimentArguments, profile: Profile, run_di
         bf16=mixed and half == torch.bfloat16,
         fp16=mixed and half == torch.float16,
         tf32=False if on_cuda and not mixed else None,  # "standard" fp32: no TF32 matmuls in baseline
-        gradient_checkpointing=profile.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if profile.gradient_checkpointing else None,
+        **checkpointing_arguments(profile.gradient_checkpointing),
         save_total_limit=profile.save_total_limit,
         load_best_model_at_end=profile.load_best_model_at_end,
         metric_for_best_model=SELECTION_METRIC if profile.load_best_model_at_end else None,
         greater_is_better=True if profile.load_best_model_at_end else None,
         dataloader_pin_memory=profile.pin_memory and on_cuda,
+        use_cpu=not on_cuda,
         gradient_accumulation_steps=profile.gradient_accumulation_steps,
         optim=profile.optim,
         use_liger_kernel=profile.use_liger_kernel,
@@ -76,8 +84,16 @@ def build_training_arguments(args: ExperimentArguments, profile: Profile, run_di
     )
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; accept either version."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 class PiqaTrainer(Trainer):
-    """The Trainer, with `evaluate()` measuring PIQA accuracy on the selection slice (log-likelihood method).
+    """The Trainer, with `evaluate()` measuring PIQA accuracy (log-likelihood method) on its `eval_dataset`:
+    the selection slice, a list of PiqaExample held out from the training data.
 
     Each epoch's `eval_accuracy` is what `load_best_model_at_end` selects on. The reported
     validation examples never pass through here.
@@ -86,14 +102,12 @@ class PiqaTrainer(Trainer):
     def __init__(
         self,
         *args,
-        selection_examples: list[PiqaExample],
         eval_batch_size: int,
         eval_autocast_dtype: torch.dtype | None,
         on_phase: Callable[[str], None] = lambda phase: None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.selection_examples = selection_examples
         self.selection_batch_size = eval_batch_size
         self.eval_autocast_dtype = eval_autocast_dtype
         self.on_phase = on_phase
@@ -104,7 +118,7 @@ class PiqaTrainer(Trainer):
             result = evaluate_accuracy(
                 self.model,
                 self.processing_class,
-                self.selection_examples,
+                eval_dataset if eval_dataset is not None else self.eval_dataset,
                 method="loglik",
                 batch_size=self.selection_batch_size,
                 autocast_dtype=self.eval_autocast_dtype,
