@@ -1,0 +1,99 @@
+"""Both scripts' real entry points, run with --smoke in subprocesses; assertions on the files they write."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(script: str, *argv: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *argv], cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("runs")
+    dirs = {}
+    for script in ("baseline.py", "modified.py"):
+        out = base / script.removesuffix(".py")
+        done = run_script(script, "--smoke", "--output-dir", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        dirs[script] = out
+    return dirs
+
+
+@pytest.mark.parametrize("script", ["baseline.py", "modified.py"])
+def test_smoke_run_writes_every_output(smoke_runs, script):
+    run_dir = smoke_runs[script]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["train"]["optimizer_steps"] > 0
+    assert metrics["train"]["final_loss"] > 0
+    assert metrics["timing"]["train_tokens_per_s"] > 0
+    assert len(metrics["train"]["selection_accuracy_per_epoch"]) == 2
+    for phase in ("zero_shot", "fine_tuned"):
+        result = metrics["accuracy"][phase]["loglik"]
+        assert result["n_examples"] == 40 and 0 <= result["acc_pct"] <= 100
+        predictions = [json.loads(line) for line in (run_dir / f"predictions_{phase}.jsonl").open()]
+        assert len(predictions) == 40
+        assert {"id", "label", "prediction"} <= set(predictions[0])
+    assert (run_dir / "final_model" / "config.json").is_file()
+    assert (run_dir / "final_model" / "tokenizer.json").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["profile"]["name"] == script.removesuffix(".py")
+    header = [line for line in (run_dir / "densenetsmi.txt").read_text().splitlines() if line.startswith("#")]
+    assert any("GPU monitoring off" in line for line in header)  # CI has no GPU, and says so
+
+
+def test_both_runs_share_the_experiment(smoke_runs):
+    a, b = (json.loads((smoke_runs[s] / "config.json").read_text()) for s in ("baseline.py", "modified.py"))
+    for config in (a, b):
+        config["experiment"].pop("output_dir")
+    assert a["experiment"] == b["experiment"]
+    ids = [
+        [json.loads(line)["id"] for line in (smoke_runs[s] / "predictions_fine_tuned.jsonl").open()]
+        for s in ("baseline.py", "modified.py")
+    ]
+    assert ids[0] == ids[1]
+
+
+def test_checkpoint_management_differs_as_the_profiles_say(smoke_runs):
+    baseline_checkpoints = sorted(p.name for p in smoke_runs["baseline.py"].glob("checkpoint-*"))
+    modified_checkpoints = sorted(p.name for p in smoke_runs["modified.py"].glob("checkpoint-*"))
+    assert len(baseline_checkpoints) == 2  # every epoch kept
+    assert len(modified_checkpoints) == 1  # save_total_limit=1; the best is the one kept
+    best = json.loads((smoke_runs["modified.py"] / "metrics.json").read_text())["train"]["best_checkpoint"]
+    assert Path(best).name == modified_checkpoints[0]
+
+
+def test_finished_run_is_not_reused_silently(smoke_runs):
+    run_dir = smoke_runs["baseline.py"]
+    before = (run_dir / "metrics.json").read_text()
+    done = run_script("baseline.py", "--smoke", "--output-dir", str(run_dir))
+    assert done.returncode == 2
+    assert "holds a finished run" in done.stderr and "--overwrite" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_eval_only_writes_metrics_and_predictions(smoke_runs, tmp_path):
+    model_dir = smoke_runs["modified.py"] / "final_model"
+    out = tmp_path / "eval"
+    done = run_script("modified.py", "--smoke", "--eval-only", "--model", str(model_dir), "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and "train" not in metrics
+    trained = json.loads((smoke_runs["modified.py"] / "metrics.json").read_text())
+    assert metrics["accuracy"]["zero_shot"]["loglik"]["acc_pct"] == pytest.approx(
+        trained["accuracy"]["fine_tuned"]["loglik"]["acc_pct"]
+    )
+    assert (out / "predictions_zero_shot.jsonl").is_file()
