@@ -97,6 +97,11 @@ class ExperimentArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished or partial run in the run directory."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in the run directory."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub to run."})
+    token: str | None = field(
+        default=None,
+        metadata={"help": "Hugging Face access token for gated models (default: HF_TOKEN or your cached login). "
+                  "Never written to disk."},
+    )
 
     def eval_sample_count(self) -> int | None:
         """The number of reported validation examples; None for all."""

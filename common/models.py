@@ -46,10 +46,13 @@ def llama_3_2_1b_config(vocab_size: int = 128256) -> LlamaConfig:
     )
 
 
-def smoke_config(vocab_size: int) -> LlamaConfig:
+def smoke_config(tokenizer) -> LlamaConfig:
     """A Llama small enough to train on a CPU in seconds."""
     return LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -76,7 +79,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False):
+def load_tokenizer(model: str, trust_remote_code: bool = False, token: str | None = None):
     if model in (SMOKE_MODEL, LLAMA_3_2_1B_RANDOM):
         return byte_level_tokenizer()
     path = Path(model)
@@ -84,7 +87,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
         if path.suffix == ".gguf":
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code, token=token)
     except Exception as err:  # noqa: BLE001 - re-raised as one clear line
         raise ModelLoadError(explain_load_failure(model, err)) from err
     if tokenizer.pad_token is None:
@@ -111,11 +114,11 @@ def check_model_path(model: str) -> None:
         raise ModelLoadError(f"--model {model}: the directory holds no model (no config.json)")
 
 
-def load_model(model: str, tokenizer, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: str | None = None) -> torch.nn.Module:
     """Weights in fp32: the Trainer's mixed precision keeps fp32 master weights and autocasts."""
     if model == SMOKE_MODEL:
         torch.manual_seed(0)
-        return LlamaForCausalLM(smoke_config(len(tokenizer)))
+        return LlamaForCausalLM(smoke_config(tokenizer))
     if model == LLAMA_3_2_1B_RANDOM:
         torch.manual_seed(0)
         return LlamaForCausalLM(llama_3_2_1b_config())
@@ -124,8 +127,14 @@ def load_model(model: str, tokenizer, trust_remote_code: bool = False) -> torch.
     try:
         if path.suffix == ".gguf":
             return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # Hub weights only as safetensors (no pickle); a local folder may hold .bin, which transformers
+        # reads with torch.load(weights_only=True).
         return AutoModelForCausalLM.from_pretrained(
-            model, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not path.is_dir() or None
+            model,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            token=token,
+            use_safetensors=None if path.is_dir() else True,
         )
     except Exception as err:  # noqa: BLE001 - re-raised as one clear line
         raise ModelLoadError(explain_load_failure(model, err)) from err

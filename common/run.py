@@ -21,7 +21,14 @@ from common.models import ModelLoadError, check_model_path, count_parameters, lo
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib
-from common.training import PiqaTrainer, autocast_dtype, build_training_arguments, compute_device, world_size
+from common.training import (
+    PiqaTrainer,
+    autocast_dtype,
+    build_training_arguments,
+    check_visible_gpus,
+    compute_device,
+    world_size,
+)
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
 
@@ -40,6 +47,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     try:
         args = parse_arguments(argv)
         args.micro_batch_size(profile, world_size())
+        check_visible_gpus()
         run_dir = Path(args.output_dir or f"runs/{profile.name}")
         resume_from = check_run_dir(run_dir, args.overwrite, args.resume)
         check_model_path(args.model)
@@ -52,22 +60,20 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
             args.seed,
             need_train=not args.eval_only,
         )
-        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-        model = load_model(args.model, tokenizer, args.trust_remote_code).to(compute_device())
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    try:
-        if not args.eval_only:
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
+        model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
+        if not args.eval_only and not resume_from:
             check_disk(run_dir, count_parameters(model), profile, math.ceil(args.num_train_epochs))
         if args.overwrite:
-            clear_run_dir(run_dir)
+            clear_run_dir(run_dir)  # only now that every input has been checked
         run_dir.mkdir(parents=True, exist_ok=True)
-        return _run_experiment(args, profile, run_dir, data, model, tokenizer, resume_from)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted while setting up: nothing was written", file=sys.stderr)
+        return 130
+    return _run_experiment(args, profile, run_dir, data, model, tokenizer, resume_from)
 
 
 def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from) -> int:
@@ -105,7 +111,7 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
                     trainer = _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics)
                 model = trainer.model
                 monitor.set_phase("eval")
-                with torch_peak_memory("eval", torch_peaks):
+                with torch_peak_memory("eval", torch_peaks, empty_cache=True):
                     accuracy["fine_tuned"] = _report_accuracy(args, profile, model, tokenizer, data, run_dir, "fine_tuned")
                 accuracy["change_acc_pts"] = (
                     accuracy["fine_tuned"]["loglik"]["acc_pct"] - accuracy["zero_shot"]["loglik"]["acc_pct"]
@@ -165,6 +171,7 @@ def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor,
         eval_autocast_dtype=autocast_dtype(profile),
         on_phase=monitor.set_phase,
     )
+    tokens_before = _tokens_seen_before(resume_from)  # read now: checkpoint rotation may delete it
     if resume_from:
         print(f"resuming from {resume_from}")
     try:
@@ -172,14 +179,22 @@ def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor,
     finally:
         _record_training(metrics, trainer, truncated, resume_from)
     runtime_s = output.metrics["train_runtime"]
+    session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     metrics.data["timing"] = {
         "train_runtime_s": runtime_s,
         "train_samples_per_s": output.metrics["train_samples_per_second"],
-        "train_tokens_per_s": metrics.data["train"]["non_padding_tokens"] / runtime_s if runtime_s else None,
+        "train_tokens_per_s": session_tokens / runtime_s if runtime_s else None,  # non-padding, this session
     }
     metrics.data["train"]["final_loss"] = output.training_loss
     metrics.write()
     return trainer
+
+
+def _tokens_seen_before(checkpoint: Path | None) -> int:
+    """Non-padding tokens the resumed checkpoint had already trained on (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0
+    return json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
 
 
 def _record_training(metrics: MetricsFile, trainer: PiqaTrainer, truncated: int, resume_from) -> None:

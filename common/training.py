@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from common.config import ExperimentArguments, Profile
+from common.config import ConfigError, ExperimentArguments, Profile
 from common.data import PiqaExample
 from common.evaluation import evaluate as evaluate_accuracy
 
@@ -32,11 +34,30 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_visible_gpus() -> None:
+    """CUDA_VISIBLE_DEVICES that names GPUs none of which exist is a mistake, not a request for the CPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() not in ("", "-1") and torch.cuda.device_count() == 0:
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible} names no GPU this process can use; fix it, or set it to '' to run on the CPU"
+        )
+
+
 def compute_device() -> torch.device:
     """This process's GPU (its LOCAL_RANK under torchrun), else the CPU; the zero-shot evaluation runs there too."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def liger_kernel_usable() -> bool:
+    """Liger's Triton kernels need a CUDA GPU and the liger-kernel package; elsewhere a profile runs without them."""
+    if not torch.cuda.is_available():
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        warnings.warn("use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); running without it")
+        return False
+    return True
 
 
 def build_training_arguments(args: ExperimentArguments, profile: Profile, run_dir: str) -> TrainingArguments:
@@ -78,7 +99,7 @@ def build_training_arguments(args: ExperimentArguments, profile: Profile, run_di
         use_cpu=not on_cuda,
         gradient_accumulation_steps=profile.gradient_accumulation_steps,
         optim=profile.optim,
-        use_liger_kernel=profile.use_liger_kernel,
+        use_liger_kernel=profile.use_liger_kernel and liger_kernel_usable(),
         torch_compile=profile.torch_compile,
         train_sampling_strategy=profile.train_sampling_strategy,
     )

@@ -1,0 +1,208 @@
+"""Interruption, resume, refusal to overwrite, disk guard, bad inputs, secrets and determinism.
+
+The entry points run for real in subprocesses; signals are sent for real.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import baseline
+from common.config import Profile
+from common.rundir import RunDirError, check_disk
+from common.run import run
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+STEPS_PER_EPOCH = 8  # smoke: 64 training examples / 8 per optimizer step
+
+
+def start(script: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, script, "--smoke", *argv], cwd=ROOT, env=env or ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, f"run ended before {path} appeared: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_training_leaves_partial_metrics_and_no_process(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    process = start("baseline.py", "--output-dir", str(run_dir), "--num-train-epochs", "6")
+    wait_for(run_dir / f"checkpoint-{STEPS_PER_EPOCH}" / "trainer_state.json", process)
+    children = children_of(process.pid)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    assert metrics["accuracy"]["zero_shot"]["loglik"]["n_examples"] == 40  # measured before the signal
+    assert "memory" in metrics and metrics["timing"]["wall_s"] > 0
+    log = (run_dir / "densenetsmi.txt").read_text()
+    assert log.startswith("#")
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+
+@pytest.mark.parametrize("delay_s", [0.5, 4.0])
+def test_signal_at_any_moment_exits_non_zero_cleanly(tmp_path, delay_s):
+    run_dir = tmp_path / "run"
+    process = start("modified.py", "--output-dir", str(run_dir))
+    time.sleep(delay_s)
+    children = children_of(process.pid)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode != 0
+    if (run_dir / "metrics.json").exists():
+        assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def test_resume_ends_with_the_same_number_of_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    epochs = 6
+    process = start("modified.py", "--output-dir", str(run_dir), "--num-train-epochs", str(epochs))
+    wait_for(run_dir / f"checkpoint-{STEPS_PER_EPOCH}" / "trainer_state.json", process)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+
+    refused = subprocess.run([sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir),
+                              "--num-train-epochs", str(epochs)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+
+    resumed = subprocess.run([sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir),
+                              "--num-train-epochs", str(epochs), "--resume"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["train"]["optimizer_steps"] == epochs * STEPS_PER_EPOCH
+    assert metrics["train"]["resumed_from"]
+
+
+GOOD_LINE = json.dumps({"goal": "Keep bread fresh", "sol1": "Seal it in a bag", "sol2": "Leave it in the sun"})
+
+
+def data_dir_with(tmp_path: Path, valid_lines: list[str], valid_labels: list[str]) -> str:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    (directory / "train.jsonl").write_text((GOOD_LINE + "\n") * 40)
+    (directory / "train-labels.lst").write_text("0\n" * 40)
+    (directory / "valid.jsonl").write_text("".join(line + "\n" for line in valid_lines))
+    (directory / "valid-labels.lst").write_text("".join(label + "\n" for label in valid_labels))
+    return str(directory)
+
+
+BAD_INPUTS = {
+    "malformed JSON": (lambda t: ["--data-dir", data_dir_with(t, ["{oops"], ["0"])], "valid.jsonl:1: malformed JSON"),
+    "missing field": (lambda t: ["--data-dir", data_dir_with(t, [GOOD_LINE, '{"goal": "g", "sol1": "a"}'], ["0", "1"])],
+                      "valid.jsonl:2: missing or non-text field 'sol2'"),
+    "bad label": (lambda t: ["--data-dir", data_dir_with(t, [GOOD_LINE], ["yes"])], "valid-labels.lst:1: label must be 0 or 1"),
+    "label count": (lambda t: ["--data-dir", data_dir_with(t, [GOOD_LINE, GOOD_LINE], ["0"])], "1 labels for 2 examples"),
+    "empty split": (lambda t: ["--data-dir", data_dir_with(t, [], [])], "the validation split is empty"),
+    "missing file": (lambda t: ["--data-dir", str(t)], "valid.jsonl: file not found"),
+    "too many samples": (lambda t: ["--eval-samples", "5000"], "asked for 5000 examples but only 40 exist"),
+    "no such model": (lambda t: ["--model", str(t / "nowhere")], "no such file or directory"),
+    "dir without model": (lambda t: ["--model", str(t)], "the directory holds no model"),
+    "not a gguf": (lambda t: ["--model", str(write(t / "fake.gguf", b"not gguf"))], "not a GGUF file"),
+    "hub offline": (lambda t: ["--model", "meta-llama/Llama-3.2-1B"], "could not load it from the Hugging Face Hub"),
+    "zero batch": (lambda t: ["--batch-size", "0"], "--batch-size must be greater than 0"),
+    "negative lr": (lambda t: ["--learning-rate", "-0.1"], "--learning-rate must be greater than 0"),
+    "zero epochs": (lambda t: ["--num-train-epochs", "0"], "--num-train-epochs must be greater than 0"),
+    "zero eval samples": (lambda t: ["--eval-samples", "0"], "--eval-samples must be greater than 0"),
+}
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_clear_line_and_destroys_nothing(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_argv, message = BAD_INPUTS[case]
+    run_dir = tmp_path / "out"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("earlier work")
+    code = run(baseline.PROFILE, ["--smoke", *make_argv(tmp_path), "--output-dir", str(run_dir), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.strip().count("\n") == 0 and err.startswith("error: ")
+    assert (run_dir / "keep.txt").read_text() == "earlier work"
+
+
+def test_cuda_visible_devices_naming_no_gpu_is_refused(tmp_path):
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "7"}
+    done = subprocess.run([sys.executable, "baseline.py", "--smoke", "--output-dir", str(tmp_path / "r")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if "CUDA_VISIBLE_DEVICES" not in done.stderr:
+        pytest.skip("a GPU 7 exists here")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_disk_guard_refuses_before_training(tmp_path):
+    profile = Profile("keep-all", "fp32", None, False, False)
+    with pytest.raises(RunDirError, match="checkpoints need about"):
+        check_disk(tmp_path / "run", parameter_count=10**15, profile=profile, epochs=3)
+    estimate = check_disk(tmp_path / "run", parameter_count=1_235_814_400, profile=profile, epochs=1)
+    assert 13 < estimate["estimated_checkpoint_disk_gib"] < 20  # fp32 weights + AdamW state + final model
+
+
+def test_access_tokens_never_reach_disk_or_logs(tmp_path):
+    env_token, cli_token = "hf_FakeEnvToken0123456789", "hf_FakeCliToken9876543210"
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir), "--token", cli_token],
+        cwd=ROOT, env={**ENV, "HF_TOKEN": env_token}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for token in (env_token, cli_token):
+        assert token not in done.stdout and token not in done.stderr
+        for path in run_dir.rglob("*"):
+            if path.is_file():
+                assert token.encode() not in path.read_bytes(), f"{token} leaked into {path}"
+    assert json.loads((run_dir / "config.json").read_text())["experiment"]["token"] == "<redacted>"
+
+
+def test_same_seed_same_losses_and_predictions(tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        done = subprocess.run([sys.executable, "baseline.py", "--smoke", "--output-dir", str(tmp_path / name)],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        predictions = (tmp_path / name / "predictions_fine_tuned.jsonl").read_text()
+        outputs.append((metrics["train"]["loss_per_step"], predictions))
+    assert outputs[0] == outputs[1]
