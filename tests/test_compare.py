@@ -1,0 +1,301 @@
+"""common.compare: the report from two real --smoke runs, partial runs, the statistics, the plots, the errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from matplotlib.image import imread
+from scipy.stats import binomtest
+
+from common import compare
+from common.compare import (
+    load_run,
+    mcnemar_exact_p,
+    paired_difference_interval,
+    paired_test,
+    wilson_interval,
+)
+from common.monitor import MIB, GpuMonitor
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Fewer training examples than --smoke's default: two epochs of one optimizer step keep the fixture quick.
+SMOKE_ARGS = ("--smoke", "--train-samples", "8")
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One baseline (both eval methods) and one modified run, started side by side, shared by every test."""
+    base = tmp_path_factory.mktemp("runs")
+    jobs = {
+        name: subprocess.Popen(
+            [sys.executable, f"{name}.py", *SMOKE_ARGS, "--output-dir", str(base / name), *extra],
+            cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for name, extra in (("baseline", ["--eval-method", "both"]), ("modified", []))
+    }
+    for name, job in jobs.items():
+        _, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, f"{name}.py failed:\n{stderr[-3000:]}"
+    return base / "baseline", base / "modified"
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A copy without the model files, for tests that damage it."""
+    return Path(shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("checkpoint-*", "final_model", "runs")))
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def table_row(markdown: str, label: str) -> list[str]:
+    """The cells after the label of the table row labelled `label` (or, failing that, starting with it)."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")
+    ]
+    for matches in (lambda first: first == label, lambda first: first.startswith(label)):
+        for cells in rows:
+            if matches(cells[0]):
+                return cells[1:]
+    raise AssertionError(f"no row {label!r} in:\n{markdown}")
+
+
+# ---- the report from two real runs ---------------------------------------------------------------------------
+
+
+def test_cli_report_from_two_smoke_runs(smoke_runs: tuple[Path, Path]) -> None:
+    baseline, modified = smoke_runs
+    done = subprocess.run(
+        [sys.executable, "-m", "common.compare", str(baseline), str(modified)],
+        cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out_dir = baseline.parent  # the default --out: the first run's parent
+    report = (out_dir / "compare.md").read_text()
+    metrics = json.loads((baseline / "metrics.json").read_text())
+
+    # The printed table is the report's table.
+    assert table_row(done.stdout, "wall time (s)") == table_row(report, "wall time (s)")
+    assert table_row(report, "wall time (s)")[0] == f"{metrics['timing']['wall_s']:,.1f}"
+    assert table_row(report, "train throughput (non-padding tokens/s)")[0] == f"{metrics['timing']['train_tokens_per_s']:,.0f}"
+    assert table_row(report, "status") == ["finished", "finished"]
+    assert table_row(report, "setting: precision") == ["fp32", "mixed"]
+    settings = [json.loads((run / "metrics.json").read_text())["settings"] for run in smoke_runs]
+    for key in settings[0].keys() - {"name"}:
+        assert (f"| setting: {key} " in report) == (settings[0][key] != settings[1][key]), key  # only those that differ
+    for label in (
+        "train runtime (s)", "train throughput (samples/s)", "GPU memory used (NVML), peak, train (MiB)",
+        "GPU memory used (NVML), mean, train (MiB)", "torch peak allocated, train (MiB)",
+        "torch peak reserved, fine-tuned eval (MiB)", "checkpoints on disk (MiB)",
+        "train loss, mean over the run (nats/token)", "zero-shot loglik examples (count)",
+        "fine-tuned loglik acc (%, [95% Wilson CI])", "fine-tuned loglik acc_norm (%, [95% Wilson CI])",
+        "speed-up, train non-padding tokens/s (x)", "speed-up, train runtime (x", "memory saved, torch peak allocated",
+        "disk saved, checkpoints (%)",
+    ):
+        table_row(report, label)
+    # The generate method ran in the baseline only: its rows show it, with its parse failure rate.
+    assert table_row(report, "fine-tuned generate parse failures (%)")[1] == "n/a"
+    assert table_row(report, "fine-tuned generate parse failures (%)")[0] != "n/a"
+    acc = metrics["accuracy"]["fine_tuned"]["loglik"]["acc_pct"]
+    assert table_row(report, "fine-tuned loglik acc (%")[0].startswith(f"{acc:.2f} [")
+    # No CUDA here: memory cells say n/a, and the report says why.
+    assert table_row(report, "GPU memory used (NVML), peak, train (MiB)") == ["n/a", "n/a"]
+    assert "no GPU samples" in report and "GPU monitoring off" in report
+    # Paired tests on the same examples, in words.
+    test_cells = table_row(report, "modified vs baseline, fine-tuned loglik acc")
+    assert test_cells[0] == "40" and "%" not in test_cells[-1]
+    assert any(word in test_cells[-1] for word in ("not significant at 5%", "significant at 5%", "nothing to test"))
+    assert "fine-tuned generate: modified has no predictions_fine_tuned_generate.jsonl" in report
+    # Plots: written, valid, referenced relatively; the GPU plot is skipped with a note.
+    for name in ("compare_train_loss.png", "compare_selection_accuracy.png"):
+        assert f"]({name})" in report
+        assert_png(out_dir / name)
+    assert not (out_dir / "compare_gpu_memory.png").exists()
+    assert "**GPU memory used (NVML) over time**: no GPU samples in baseline, modified" in report
+
+
+def test_truncated_run_still_reports_with_notes(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    baseline, modified = smoke_runs
+    broken = copy_run(modified, tmp_path / "interrupted")
+    metrics = json.loads((broken / "metrics.json").read_text())
+    metrics["status"] = "interrupted"
+    del metrics["timing"], metrics["train"]["loss_per_step"]
+    (broken / "metrics.json").write_text(json.dumps(metrics))
+    (broken / "predictions_fine_tuned.jsonl").unlink()
+
+    report = compare.compare([baseline, broken], tmp_path / "out")
+    md = report.markdown
+    assert "status is 'interrupted', not 'finished': stopped early by Ctrl-C or SIGTERM" in md
+    assert "metrics.json has no 'timing' section" in md
+    assert "predictions_fine_tuned.jsonl missing" in md
+    assert "no paired test of interrupted vs baseline, fine-tuned loglik: interrupted has no predictions_fine_tuned.jsonl" in md
+    assert table_row(md, "status") == ["finished", "interrupted"]
+    assert table_row(md, "wall time (s)")[1] == "n/a" and table_row(md, "wall time (s)")[0] != "n/a"
+    assert table_row(md, "speed-up, wall time") == ["n/a"]
+    assert table_row(md, "interrupted vs baseline, zero-shot loglik acc")[0] == "40"  # what it has is still tested
+    assert not re.search(r"^\| interrupted vs baseline, fine-tuned", md, re.M)  # no predictions, no test
+    assert "(no data in interrupted.)" in md  # the loss plot shows the baseline and says what is missing
+    assert_png(tmp_path / "out" / "compare_train_loss.png")
+
+
+def test_run_without_metrics_json(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    baseline, modified = smoke_runs
+    partial = tmp_path / "killed"
+    partial.mkdir()
+    for name in ("config.json", "densenetsmi.txt"):
+        shutil.copy(modified / name, partial / name)
+    report = compare.compare([baseline, partial], tmp_path / "out").markdown
+    assert "metrics.json missing" in report
+    assert "predictions_zero_shot.jsonl missing" in report
+    assert table_row(report, "status") == ["finished", "unknown"]
+    assert table_row(report, "train runtime (s)")[1] == "n/a"
+
+
+def test_different_example_ids_are_said_and_only_common_ones_tested(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    baseline, modified = smoke_runs
+    other = copy_run(modified, tmp_path / "other")
+    path = other / "predictions_zero_shot.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    extra = {**records[0], "id": "validation-9999"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*records[5:], extra]))
+    md = compare.compare([baseline, other], tmp_path / "out").markdown
+    assert "scored different examples (5 only in the first, 1 only in the second); tested on the 35 they share" in md
+    assert table_row(md, "other vs baseline, zero-shot loglik acc")[0] == "35"
+
+
+def test_gpu_memory_plot_from_monitor_logs(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    runs = [copy_run(run, tmp_path / run.name) for run in smoke_runs]
+    write_gpu_log(runs[0] / "densenetsmi.txt", [("train", 3000.0), ("train", 5000.0), ("eval", 2000.0)])
+    write_gpu_log(runs[1] / "densenetsmi.txt", [("train", 2000.0), ("train", 2500.0), ("eval", 1500.0)])
+    report = compare.compare(runs, tmp_path / "out")
+    assert_png(tmp_path / "out" / "compare_gpu_memory.png")
+    md = report.markdown
+    assert "](compare_gpu_memory.png)" in md
+    assert table_row(md, "GPU memory used (NVML), peak, train (MiB)") == ["5,000", "2,500"]
+    assert table_row(md, "GPU memory used (NVML), mean, train (MiB)") == ["4,000", "2,250"]
+    assert table_row(md, "GPU memory used (NVML), peak, eval (MiB)") == ["2,000", "1,500"]
+    assert table_row(md, "memory saved, GPU peak used (NVML), train (%)") == ["+50.0%"]
+
+
+class _FakeNvml:
+    """Just enough NVML for GpuMonitor: one GPU whose used memory the test sets before each sample."""
+
+    NVMLError = RuntimeError
+
+    def __init__(self) -> None:
+        self.used_mib = 0.0
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetCount(self) -> int: return 1
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int: return i
+    def nvmlDeviceGetUUID(self, h: int) -> str: return "GPU-0000"
+    def nvmlDeviceGetName(self, h: int) -> str: return "Fake GPU"
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int: return 100_000
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> SimpleNamespace: return SimpleNamespace(gpu=90, memory=30)
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
+        return SimpleNamespace(used=self.used_mib * MIB, total=80_000 * MIB)
+
+
+def write_gpu_log(path: Path, samples: list[tuple[str, float]]) -> None:
+    """densenetsmi.txt as common/monitor.py writes it, from (phase, MiB used) samples."""
+    nvml = _FakeNvml()
+    nvml.used_mib = samples[0][1]
+    with GpuMonitor(path, interval_s=3600, console_every=0, nvml_module=nvml, print_fn=lambda _: None) as monitor:
+        for phase, used_mib in samples[1:]:
+            monitor.set_phase(phase)
+            nvml.used_mib = used_mib
+            monitor.sample_now()
+    # The first sample, taken on entry, is the train phase's.
+
+
+# ---- statistics ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "p"),
+    [
+        (0, 5, 0.0625),  # 2 * 0.5**5
+        (5, 0, 0.0625),
+        (1, 9, 0.021484375),  # 2 * (1 + 10) / 2**10
+        (2, 8, 0.109375),  # 2 * (1 + 10 + 45) / 2**10
+        (0, 0, 1.0),  # no discordant pair
+        (3, 3, 1.0),  # 2 * 42/64 > 1, capped
+        (0, 1, 1.0),
+    ],
+)
+def test_mcnemar_exact_hand_computed(b: int, c: int, p: float) -> None:
+    assert mcnemar_exact_p(b, c) == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_matches_two_sided_binomial_test() -> None:
+    for b, c in ((40, 60), (7, 19), (120, 95)):
+        assert mcnemar_exact_p(b, c) == pytest.approx(binomtest(min(b, c), b + c, 0.5).pvalue, rel=1e-9)
+
+
+def test_wilson_interval_known_values() -> None:
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0 and high == pytest.approx(3.8415 / 13.8415, abs=1e-4)  # z^2 / (n + z^2)
+    for k, n in ((11, 40), (199, 200), (37, 1838)):
+        reference = binomtest(k, n).proportion_ci(method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((reference.low, reference.high), rel=1e-9)
+
+
+def test_paired_interval_matches_newcombe_reference() -> None:
+    # Cavo et al. 2012 via the contingencytables R package: p1 - p2 = -0.0621, 95% CI -0.1186 to -0.0046.
+    # Here the difference is second - first, so the signs flip.
+    low, high = paired_difference_interval(both=59, first_only=6, second_only=16, neither=80)
+    assert (low, high) == pytest.approx((0.0046, 0.1186), abs=1e-4)
+
+
+def test_paired_test_counts_and_common_ids() -> None:
+    first = {f"e{i}": i < 6 for i in range(10)}  # e0..e5 right
+    second = {f"e{i}": i >= 3 for i in range(1, 12)}  # e3..e11 right; e0 missing, e10 and e11 extra
+    t = paired_test(first, second)
+    assert (t.n_common, t.only_first, t.only_second) == (9, 1, 2)
+    assert (t.b, t.c) == (2, 4)  # e1, e2 lost; e6..e9 gained
+    assert (t.right_first, t.right_second) == (5, 7)
+    assert t.diff_pts == pytest.approx(100 * 2 / 9)
+    assert t.p_value == pytest.approx(mcnemar_exact_p(2, 4))
+    assert t.diff_low_pts < t.diff_pts < t.diff_high_pts
+    assert t.verdict() == "not significant at 5%: may be noise"
+    assert paired_test({"a": True}, {"b": True}) is None
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_not_a_run_is_a_one_line_error(tmp_path: Path, smoke_runs: tuple[Path, Path]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "common.compare", str(smoke_runs[0]), str(empty)],
+        cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+    assert done.stderr.startswith(f"error: {empty}: not a run directory")
+    assert compare.main([str(smoke_runs[0]), str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(compare.NotARunError, match="not a directory"):
+        load_run(tmp_path / "nowhere")
+
+
+def test_one_run_is_not_enough(smoke_runs: tuple[Path, Path]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(smoke_runs[0])])
+    assert exit_info.value.code == 2
