@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from common.training import (
     build_training_arguments,
     check_visible_gpus,
     compute_device,
+    one_gpu_unless_distributed,
     world_size,
 )
 
@@ -44,10 +46,13 @@ def _raise_terminated(signum, frame):
 def run(profile: Profile, argv: list[str] | None = None) -> int:
     """Entry point of baseline.py and modified.py; returns the process exit code."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    user_visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if note := one_gpu_unless_distributed():
+        print(note)
     try:
         args = parse_arguments(argv)
         args.micro_batch_size(profile, world_size())
-        check_visible_gpus()
+        check_visible_gpus(user_visible_gpus)
         run_dir = Path(args.output_dir or f"runs/{profile.name}")
         resume_from = check_run_dir(run_dir, args.overwrite, args.resume)
         check_model_path(args.model)
@@ -155,15 +160,13 @@ def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase
 
 
 def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics) -> PiqaTrainer:
-    from datasets import Dataset
-
     features, truncated = tokenize_examples(data.train, tokenizer, args.max_length)
     if truncated:
         print(f"note: --max-length {args.max_length} cut {truncated} of {len(features)} training examples")
     trainer = PiqaTrainer(
         model=model,
         args=build_training_arguments(args, profile, str(run_dir)),
-        train_dataset=Dataset.from_list(features),
+        train_dataset=features,  # a list of dicts: datasets is needed only to read PIQA from the Hub
         data_collator=PadToLongest(tokenizer.pad_token_id),
         processing_class=tokenizer,
         eval_dataset=data.selection,

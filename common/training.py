@@ -34,9 +34,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_visible_gpus() -> None:
-    """CUDA_VISIBLE_DEVICES that names GPUs none of which exist is a mistake, not a request for the CPU."""
+def one_gpu_unless_distributed() -> str | None:
+    """A plain `python3 baseline.py` uses one GPU: with several visible, the Trainer would wrap the model in
+    DataParallel and multiply the batch. torchrun / accelerate launch (WORLD_SIZE set) use one GPU per process.
+    Must run before CUDA is first touched; returns a note for the console when it narrowed the choice."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if "WORLD_SIZE" in os.environ or (visible is not None and "," not in visible):
+        return None
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+    if visible is None:
+        return None
+    return f"note: one process uses one GPU: CUDA_VISIBLE_DEVICES={first} (use torchrun for {visible})"
+
+
+def check_visible_gpus(visible: str | None) -> None:
+    """CUDA_VISIBLE_DEVICES (as the user set it) naming GPUs none of which exist is a mistake, not a request for the CPU."""
     if visible is not None and visible.strip() not in ("", "-1") and torch.cuda.device_count() == 0:
         raise ConfigError(
             f"CUDA_VISIBLE_DEVICES={visible} names no GPU this process can use; fix it, or set it to '' to run on the CPU"
