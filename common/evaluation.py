@@ -1,0 +1,376 @@
+"""PIQA accuracy: log-likelihood multiple choice (lm-evaluation-harness's `piqa` task) and structured-prompt generation.
+
+Both methods are batched, length-sorted, run under `torch.inference_mode()`, never skip an example, and never hold
+more than one batch's logits. See docs/evaluation.md for the definitions and how they match the harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from common.data import PiqaExample
+from common.prompts import format_choice_prompt, format_context, format_continuation
+
+METHODS = ("loglik", "generate")
+DEFAULT_BATCH_SIZE = 64  # examples per forward pass; the loglik method runs 2 sequences per example
+DEFAULT_MAX_NEW_TOKENS = 4  # after "Answer: Solution" a BPE model typically emits " ", "1", "." (3 tokens)
+LOG_SOFTMAX_CHUNK_BYTES = 1 << 30  # bound on the float32 log-softmax buffer per chunk of rows
+
+
+@dataclass
+class EvalResult:
+    method: str  # "loglik" or "generate"
+    n_examples: int
+    acc_pct: float  # loglik: argmax of summed log-probs; generate: parsed answer == label (unparseable is wrong)
+    acc_norm_pct: float | None  # loglik only: argmax of summed log-prob / len(solution) in characters
+    parse_failure_pct: float | None  # generate only: share of answers that were neither 1 nor 2
+    seconds: float  # wall time of the whole evaluation, tokenisation included
+    predictions: list[dict]  # one record per example, in input order
+
+    def metrics(self, prefix: str = "") -> dict[str, float | int]:
+        """Flat metrics for logging; accuracies in percent. Keys not defined for the method are left out."""
+        values: dict[str, float | int] = {"acc_pct": self.acc_pct}
+        if self.acc_norm_pct is not None:
+            values["acc_norm_pct"] = self.acc_norm_pct
+        if self.parse_failure_pct is not None:
+            values["parse_failure_pct"] = self.parse_failure_pct
+        values["n_examples"] = self.n_examples
+        values["eval_seconds"] = self.seconds
+        return {f"{prefix}{key}": value for key, value in values.items()}
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[PiqaExample],
+    method: str = "loglik",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> EvalResult:
+    """Accuracy of `model` on `examples` with one method; the model's train/eval mode is restored afterwards.
+
+    `model` may be wrapped (DDP, torch.compile) and on any device: inputs go to its input embeddings' device.
+    `autocast_dtype` (torch.bfloat16 / torch.float16) runs the forward passes under autocast, for a model the
+    Trainer keeps in float32; None runs it in its own dtype. The tokenizer's padding side is never used or changed.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+    start = time.perf_counter()
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "loglik":
+            result = _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress)
+        else:
+            result = _evaluate_generate(
+                model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens
+            )
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def write_predictions(path: Path, result: EvalResult) -> None:
+    """One JSON record a line, in the order the examples were given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in result.predictions:
+            f.write(json.dumps({"method": result.method, **record}, ensure_ascii=False) + "\n")
+
+
+# --- log-likelihood multiple choice -----------------------------------------------------------------------------
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's `_encode_pair` for causal models: encode context+continuation whole, split at len(context).
+
+    Special tokens follow the tokenizer's own default (the harness passes none unless `add_bos_token` is given):
+    Llama-3 tokenizers prepend <|begin_of_text|>, SmolLM2's adds nothing.
+    """
+    return _encode_pairs(tokenizer, [(context, continuation)])[0]
+
+
+def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    moved = []
+    for context, continuation in pairs:
+        # Trailing context whitespace moves to the continuation, as in the harness (keeps word-boundary tokens).
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        moved.append((context, continuation))
+    whole_ids = tokenizer([c + x for c, x in moved])["input_ids"]
+    context_ids = tokenizer([c for c, _ in moved])["input_ids"]
+    return [(list(ctx), list(whole[len(ctx) :])) for ctx, whole in zip(context_ids, whole_ids)]
+
+
+def score_loglik(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[PiqaExample],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> list[tuple[float, float]]:
+    """Summed log-probability of ` {sol1}` and ` {sol2}` given `Question: {goal}\\nAnswer:`, per example.
+
+    The model must already be in eval mode (`evaluate` sees to that). Both choices of an example share a batch.
+    """
+    model = unwrap_model(model)
+    device = model_device(model)
+    max_length = _max_length(model)
+    pairs = _encode_pairs(
+        tokenizer,
+        [(format_context(e.goal), format_continuation(sol)) for e in examples for sol in (e.sol1, e.sol2)],
+    )
+    sequences: list[tuple[list[int], list[int]]] = []  # (input ids, continuation ids) per choice
+    for index, (context_ids, continuation_ids) in enumerate(pairs):
+        if not continuation_ids:
+            raise ValueError(f"example {examples[index // 2].id}: solution {index % 2 + 1} encodes to no tokens")
+        if len(continuation_ids) > max_length:
+            raise ValueError(f"example {examples[index // 2].id}: a solution is longer than {max_length} tokens")
+        # The harness's input: the last max_length+1 tokens of context+continuation, minus the final token.
+        input_ids = (context_ids + continuation_ids)[-(max_length + 1) :][:-1]
+        sequences.append((input_ids, continuation_ids))
+
+    # Longest first, as in the harness: an out-of-memory error shows in the first batch, not the last.
+    order = sorted(range(len(examples)), key=lambda i: -max(len(sequences[2 * i][0]), len(sequences[2 * i + 1][0])))
+    # A PEFT wrapper's forward takes **kwargs and passes them on; ask the model inside it.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    scores = [0.0] * len(sequences)
+    with torch.inference_mode(), _autocast(device, autocast_dtype):
+        for batch in _progress(list(_chunks(order, batch_size)), progress, "loglik"):
+            rows = [2 * i + choice for i in batch for choice in (0, 1)]
+            batch_scores = _score_batch(
+                model, [sequences[r] for r in rows], device, _pad_id(tokenizer), takes_logits_to_keep
+            )
+            for row, score in zip(rows, batch_scores):
+                scores[row] = score
+    return [(scores[2 * i], scores[2 * i + 1]) for i in range(len(examples))]
+
+
+def _score_batch(
+    model: torch.nn.Module,
+    sequences: list[tuple[list[int], list[int]]],
+    device: torch.device,
+    pad_id: int,
+    takes_logits_to_keep: bool,
+) -> list[float]:
+    """Summed continuation log-probs of left-padded sequences; logits only for the last `keep` positions."""
+    input_ids, attention_mask = _left_pad([ids for ids, _ in sequences], pad_id, device)
+    # Left padding ends every row with its continuation, so one `logits_to_keep` covers the whole batch.
+    keep = max(len(cont) for _, cont in sequences)
+    targets = torch.zeros(len(sequences), keep, dtype=torch.long)
+    target_mask = torch.zeros(len(sequences), keep, dtype=torch.bool)
+    for row, (_, cont) in enumerate(sequences):
+        targets[row, keep - len(cont) :] = torch.tensor(cont, dtype=torch.long)
+        target_mask[row, keep - len(cont) :] = True
+    targets, target_mask = targets.to(device), target_mask.to(device)
+
+    extra = {"logits_to_keep": keep} if takes_logits_to_keep else {}
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_position_ids(attention_mask),
+        use_cache=False,
+        **extra,
+    ).logits[:, -keep:, :]
+
+    # log_softmax in float32 on a few rows at a time: the [rows x keep x vocab] float32 buffer stays bounded.
+    rows_per_chunk = max(1, LOG_SOFTMAX_CHUNK_BYTES // (keep * logits.shape[-1] * 4))
+    token_logprobs = torch.empty(targets.shape, dtype=torch.float32, device=device)
+    for start in range(0, len(sequences), rows_per_chunk):
+        chunk = slice(start, start + rows_per_chunk)
+        logprobs = F.log_softmax(logits[chunk], dim=-1, dtype=torch.float32)
+        token_logprobs[chunk] = logprobs.gather(-1, targets[chunk].unsqueeze(-1)).squeeze(-1)
+    return (token_logprobs * target_mask).sum(dim=-1).tolist()
+
+
+def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress) -> EvalResult:
+    scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress)
+    records = []
+    for example, (score1, score2) in zip(examples, scores):
+        # The harness divides by len(choice), the solution without the leading space; np.argmax keeps the first of ties.
+        per_char = (_per_char(score1, example.sol1), _per_char(score2, example.sol2))
+        prediction = 0 if score1 >= score2 else 1
+        prediction_norm = 0 if per_char[0] >= per_char[1] else 1
+        records.append(
+            {
+                "id": example.id,
+                "label": example.label,
+                "prediction": prediction,
+                "prediction_norm": prediction_norm,
+                "logprob_sum": [score1, score2],
+                "logprob_per_char": list(per_char),
+            }
+        )
+    return EvalResult(
+        method="loglik",
+        n_examples=len(examples),
+        acc_pct=_pct(sum(r["prediction"] == r["label"] for r in records), len(records)),
+        acc_norm_pct=_pct(sum(r["prediction_norm"] == r["label"] for r in records), len(records)),
+        parse_failure_pct=None,
+        seconds=0.0,
+        predictions=records,
+    )
+
+
+def _per_char(logprob_sum: float, solution: str) -> float:
+    return logprob_sum / len(solution) if solution else -math.inf
+
+
+# --- structured-prompt generation -------------------------------------------------------------------------------
+
+_CHOICE_PATTERN = re.compile(r"^\s*(?:solution)?\s*:?\s*([12])(?![0-9a-z])", re.IGNORECASE)
+
+
+def parse_choice(text: str) -> int | None:
+    """The answer after `Answer: Solution` in label space: "1" -> 0, "2" -> 1, anything else -> None.
+
+    Accepts "1", " 2", "2.", "Solution 2", "2 because ..."; rejects "12", "2nd", "", and text without a leading choice.
+    """
+    match = _CHOICE_PATTERN.match(text)
+    return None if match is None else int(match.group(1)) - 1
+
+
+def generate_choices(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[PiqaExample],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> list[str]:
+    """Greedy continuation (up to `max_new_tokens`) of each example's `format_choice_prompt`, decoded, in input order."""
+    model = unwrap_model(model)
+    device = model_device(model)
+    prompts = [format_choice_prompt(e.goal, e.sol1, e.sol2) for e in examples]
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    pad_id = _pad_id(tokenizer)
+    config = copy.deepcopy(model.generation_config)
+    config.update(
+        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+        max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad_id,
+    )  # fmt: skip
+    order = sorted(range(len(examples)), key=lambda i: -len(prompt_ids[i]))
+    texts = [""] * len(examples)
+    with torch.inference_mode(), _autocast(device, autocast_dtype):
+        for batch in _progress(list(_chunks(order, batch_size)), progress, "generate"):
+            input_ids, attention_mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            new_tokens = output[:, input_ids.shape[1] :].tolist()
+            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                texts[i] = text
+    return texts
+
+
+def _evaluate_generate(
+    model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens
+) -> EvalResult:
+    texts = generate_choices(model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens)
+    records = [
+        {"id": e.id, "label": e.label, "prediction": parse_choice(text), "generated_text": text}
+        for e, text in zip(examples, texts)
+    ]
+    return EvalResult(
+        method="generate",
+        n_examples=len(examples),
+        acc_pct=_pct(sum(r["prediction"] == r["label"] for r in records), len(records)),
+        acc_norm_pct=None,
+        parse_failure_pct=_pct(sum(r["prediction"] is None for r in records), len(records)),
+        seconds=0.0,
+        predictions=records,
+    )
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel / DataParallel (`.module`) or torch.compile (`._orig_mod`)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the input embeddings' device (right for models split over devices too)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def _max_length(model: torch.nn.Module) -> int:
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048)
+
+
+def _pad_id(tokenizer) -> int:
+    """Any id will do for masked positions; the pad token if there is one, else EOS, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding does not shift RoPE positions."""
+    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _progress(batches: list, enabled: bool, what: str):
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=f"PIQA {what}", unit="batch")
+
+
+def _pct(count: int, total: int) -> float:
+    return 100.0 * count / total
