@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.prompts import format_context, format_continuation
+from common.prompts import encode_pair, format_context, format_continuation
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 HUB_DATASET = "ybisk/piqa"
@@ -141,18 +141,18 @@ def build_experiment_data(
 
 
 def tokenize_for_training(example: PiqaExample, tokenizer, max_length: int) -> dict:
-    """Prompt + correct solution, with the loss on the answer tokens only (context labels are IGNORE_INDEX)."""
-    context_ids = tokenizer(format_context(example.goal), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(format_continuation(example.correct_solution), add_special_tokens=False)["input_ids"]
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    suffix = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    input_ids = prefix + context_ids + answer_ids + suffix
-    labels = [IGNORE_INDEX] * (len(prefix) + len(context_ids)) + answer_ids + suffix
-    truncated = len(input_ids) > max_length
+    """Prompt + correct solution, tokenised exactly as evaluation scores it (`encode_pair`), then EOS;
+    the loss is on the answer tokens only (context labels are IGNORE_INDEX)."""
+    context_ids, answer_ids = encode_pair(
+        tokenizer, format_context(example.goal), format_continuation(example.correct_solution)
+    )
+    answer_ids = answer_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    input_ids = context_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(context_ids) + answer_ids
     return {
         "input_ids": input_ids[:max_length],
         "labels": labels[:max_length],
-        "truncated": truncated,
+        "truncated": len(input_ids) > max_length,
     }
 
 

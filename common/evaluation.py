@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import PiqaExample
-from common.prompts import format_choice_prompt, format_context, format_continuation
+from common.prompts import encode_pairs, format_choice_prompt, format_context, format_continuation
 
 METHODS = ("loglik", "generate")
 DEFAULT_BATCH_SIZE = 64  # examples per forward pass; the loglik method runs 2 sequences per example
@@ -103,28 +103,6 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 # --- log-likelihood multiple choice -----------------------------------------------------------------------------
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The harness's `_encode_pair` for causal models: encode context+continuation whole, split at len(context).
-
-    Special tokens follow the tokenizer's own default (the harness passes none unless `add_bos_token` is given):
-    Llama-3 tokenizers prepend <|begin_of_text|>, SmolLM2's adds nothing.
-    """
-    return _encode_pairs(tokenizer, [(context, continuation)])[0]
-
-
-def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    moved = []
-    for context, continuation in pairs:
-        # Trailing context whitespace moves to the continuation, as in the harness (keeps word-boundary tokens).
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        moved.append((context, continuation))
-    whole_ids = tokenizer([c + x for c, x in moved])["input_ids"]
-    context_ids = tokenizer([c for c, _ in moved])["input_ids"]
-    return [(list(ctx), list(whole[len(ctx) :])) for ctx, whole in zip(context_ids, whole_ids)]
-
-
 def score_loglik(
     model: torch.nn.Module,
     tokenizer,
@@ -140,7 +118,7 @@ def score_loglik(
     model = unwrap_model(model)
     device = model_device(model)
     max_length = _max_length(model)
-    pairs = _encode_pairs(
+    pairs = encode_pairs(
         tokenizer,
         [(format_context(e.goal), format_continuation(sol)) for e in examples for sol in (e.sol1, e.sol2)],
     )

@@ -88,7 +88,7 @@ def test_training_labels_cover_the_correct_answer_only(label):
     answer = [t for t in feature["labels"] if t != IGNORE_INDEX]
     expected = tokenizer(format_continuation(example.correct_solution), add_special_tokens=False)["input_ids"]
     assert answer == expected + [tokenizer.eos_token_id]
-    context_len = 1 + len(tokenizer(format_context(example.goal), add_special_tokens=False)["input_ids"])
+    context_len = len(tokenizer(format_context(example.goal))["input_ids"])
     assert feature["labels"][:context_len] == [IGNORE_INDEX] * context_len
     assert feature["input_ids"][context_len:] == answer
     assert not feature["truncated"]

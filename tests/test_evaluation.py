@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common.data import PiqaExample
+from common.prompts import encode_pair
 from common.evaluation import (
-    encode_pair,
     evaluate,
     parse_choice,
     score_loglik,
