@@ -204,15 +204,7 @@ def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, pro
                 "logprob_per_char": list(per_char),
             }
         )
-    return EvalResult(
-        method="loglik",
-        n_examples=len(examples),
-        acc_pct=_pct(sum(r["prediction"] == r["label"] for r in records), len(records)),
-        acc_norm_pct=_pct(sum(r["prediction_norm"] == r["label"] for r in records), len(records)),
-        parse_failure_pct=None,
-        seconds=0.0,
-        predictions=records,
-    )
+    return summarise("loglik", records)
 
 
 def _per_char(logprob_sum: float, solution: str) -> float:
@@ -273,13 +265,19 @@ def _evaluate_generate(
         {"id": e.id, "label": e.label, "prediction": parse_choice(text), "generated_text": text}
         for e, text in zip(examples, texts)
     ]
+    return summarise("generate", records)
+
+
+def summarise(method: str, records: list[dict], seconds: float = 0.0) -> EvalResult:
+    """Accuracy from per-example records (also used to merge the shards that several ranks scored)."""
+    n = len(records)
     return EvalResult(
-        method="generate",
-        n_examples=len(examples),
-        acc_pct=_pct(sum(r["prediction"] == r["label"] for r in records), len(records)),
-        acc_norm_pct=None,
-        parse_failure_pct=_pct(sum(r["prediction"] is None for r in records), len(records)),
-        seconds=0.0,
+        method=method,
+        n_examples=n,
+        acc_pct=_pct(sum(r["prediction"] == r["label"] for r in records), n),
+        acc_norm_pct=_pct(sum(r["prediction_norm"] == r["label"] for r in records), n) if method == "loglik" else None,
+        parse_failure_pct=_pct(sum(r["prediction"] is None for r in records), n) if method == "generate" else None,
+        seconds=seconds,
         predictions=records,
     )
 

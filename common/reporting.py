@@ -13,15 +13,18 @@ import transformers
 class MetricsFile:
     """A metrics.json rewritten after every phase, so an interrupted run still leaves what it measured."""
 
-    def __init__(self, path: Path, initial: dict):
+    def __init__(self, path: Path, initial: dict, write: bool = True):
         self.path = path
         self.data = {"status": "running", **initial}
+        self.enabled = write  # only rank 0 writes under torchrun
 
     def update(self, **sections) -> None:
         self.data.update(sections)
         self.write()
 
     def write(self) -> None:
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from common.config import ConfigError, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
-from common.evaluation import EvalResult, evaluate, write_predictions
+from common import distributed
+from common.distributed import evaluate_on_all_ranks, is_main_process, world_size
+from common.evaluation import EvalResult, write_predictions
 from common.models import ModelLoadError, check_model_path, count_parameters, load_model, load_tokenizer
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
 from common.reporting import MetricsFile, environment, summary_table
@@ -29,7 +31,6 @@ from common.training import (
     check_visible_gpus,
     compute_device,
     one_gpu_unless_distributed,
-    world_size,
 )
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
@@ -51,6 +52,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
         print(note)
     try:
         args = parse_arguments(argv)
+        distributed.init()
         args.micro_batch_size(profile, world_size())
         check_visible_gpus(user_visible_gpus)
         run_dir = Path(args.output_dir or f"runs/{profile.name}")
@@ -69,11 +71,16 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
         model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
         if not args.eval_only and not resume_from:
             check_disk(run_dir, count_parameters(model), profile, math.ceil(args.num_train_epochs))
-        if args.overwrite:
-            clear_run_dir(run_dir)  # only now that every input has been checked
-        run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
+        if is_main_process():
+            if args.overwrite:
+                clear_run_dir(run_dir)  # only now that every input has been checked
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(resolved_config(args, profile), indent=2) + "\n")
+        distributed.barrier()
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted while setting up: nothing was written", file=sys.stderr)
@@ -84,7 +91,6 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
 def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from) -> int:
     status = "failed"  # until the run ends normally or is interrupted
     started_s = time.perf_counter()
-    (run_dir / "config.json").write_text(json.dumps(resolved_config(args, profile), indent=2) + "\n")
     metrics = MetricsFile(
         run_dir / "metrics.json",
         {
@@ -98,7 +104,9 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
                 "selection_examples": len(data.selection),
                 "reported_examples": len(data.report),
             },
+            "world_size": world_size(),
         },
+        write=is_main_process(),
     )
     torch_peaks: dict = {}
     monitor = GpuMonitor(run_dir / "densenetsmi.txt", interval_s=args.monitor_interval, pmon=args.pmon)
@@ -124,7 +132,8 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
                 )
                 metrics.update(accuracy=accuracy)
                 trainer.save_model(str(run_dir / "final_model"))
-                tokenizer.save_pretrained(str(run_dir / "final_model"))
+                if is_main_process():
+                    tokenizer.save_pretrained(str(run_dir / "final_model"))
         status = "finished"
     except KeyboardInterrupt as interrupt:
         status = "interrupted"
@@ -137,8 +146,9 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
             disk={"checkpoints_mib": sum(directory_size_mib(p) for p in run_dir.glob("checkpoint-*"))},
             status=status,
         )
-    print(f"\n== {profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
-    print(format_summary(monitor.summary(), torch_peaks))
+    if is_main_process():
+        print(f"\n== {profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
+        print(format_summary(monitor.summary(), torch_peaks))
     return 0 if status == "finished" else 130
 
 
@@ -147,13 +157,15 @@ def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase
     methods = ["loglik", "generate"] if args.eval_method == "both" else [args.eval_method]
     results = {}
     for method in methods:
-        result: EvalResult = evaluate(
+        result: EvalResult = evaluate_on_all_ranks(
             model, tokenizer, data.report, method=method, batch_size=args.eval_batch_size,
-            autocast_dtype=autocast_dtype(profile), progress=True,
+            autocast_dtype=autocast_dtype(profile), progress=is_main_process(),
         )
+        results[method] = result.metrics()
+        if not is_main_process():
+            continue
         suffix = "" if method == "loglik" else f"_{method}"
         write_predictions(run_dir / f"predictions_{phase}{suffix}.jsonl", result)
-        results[method] = result.metrics()
         print(f"{phase} accuracy ({method}, {result.n_examples} examples, {result.seconds:.1f} s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics().items() if k.endswith("_pct")))
     return results
@@ -207,7 +219,9 @@ def _record_training(metrics: MetricsFile, trainer: PiqaTrainer, truncated: int,
         for e in state.log_history if "eval_accuracy" in e
     ]
     losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
+    engine = "FSDP" if trainer.is_fsdp_enabled else ("DDP" if world_size() > 1 else "single process")
     metrics.update(train={
+        "engine": engine,
         "optimizer_steps": state.global_step,
         "non_padding_tokens": state.num_input_tokens_seen,
         "truncated_examples": truncated,

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from common.config import ConfigError, ExperimentArguments, Profile
 from common.data import PiqaExample
-from common.evaluation import evaluate as evaluate_accuracy
+from common.distributed import evaluate_on_all_ranks, world_size
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
 
@@ -27,11 +27,6 @@ def mixed_precision_dtype() -> torch.dtype:
 
 def autocast_dtype(profile: Profile) -> torch.dtype | None:
     return mixed_precision_dtype() if profile.precision == "mixed" else None
-
-
-def world_size() -> int:
-    """Processes taking part (torchrun / accelerate set WORLD_SIZE); 1 for a plain run."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def one_gpu_unless_distributed() -> str | None:
@@ -149,7 +144,7 @@ class PiqaTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         self.on_phase("select")
         try:
-            result = evaluate_accuracy(
+            result = evaluate_on_all_ranks(
                 self.model,
                 self.processing_class,
                 eval_dataset if eval_dataset is not None else self.eval_dataset,

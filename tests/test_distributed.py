@@ -1,0 +1,43 @@
+"""torchrun with two CPU processes (gloo): one run directory, written once, and the same accuracy as one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.mark.parametrize("script", ["baseline.py", "modified.py"])
+def test_torchrun_two_processes_end_to_end(tmp_path, script):
+    run_dir = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         script, "--smoke", "--output-dir", str(run_dir)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("summary (") == 1  # only rank 0 reports
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["world_size"] == 2
+    # 64 examples, 8 per optimizer step over both ranks, 2 epochs: as many steps as one process takes.
+    assert metrics["train"]["optimizer_steps"] == 16
+    predictions = [json.loads(line) for line in (run_dir / "predictions_fine_tuned.jsonl").open()]
+    assert len(predictions) == 40 and len({p["id"] for p in predictions}) == 40  # none lost, none twice
+
+    single = tmp_path / "single"
+    check = subprocess.run(
+        [sys.executable, script, "--smoke", "--eval-only", "--model", str(run_dir / "final_model"),
+         "--output-dir", str(single)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    alone = json.loads((single / "metrics.json").read_text())["accuracy"]["zero_shot"]["loglik"]
+    together = metrics["accuracy"]["fine_tuned"]["loglik"]
+    assert together["acc_pct"] == pytest.approx(alone["acc_pct"])
+    assert together["acc_norm_pct"] == pytest.approx(alone["acc_norm_pct"])
