@@ -150,6 +150,7 @@ def write(path: Path, content: bytes) -> Path:
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gets_one_clear_line_and_destroys_nothing(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # run() narrows it to one GPU; undone afterwards
     make_argv, message = BAD_INPUTS[case]
     run_dir = tmp_path / "out"
     run_dir.mkdir()
