@@ -1,0 +1,95 @@
+"""common.benchmark on the CPU: a tiny model for 2 timed steps through the real code path, and its building blocks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from common import benchmark
+from common.data import IGNORE_INDEX
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_FIELDS = {
+    "name", "profile", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "timed_steps",
+    "step_ms_median", "tokens_per_s", "padding_share_pct", "mfu_pct", "flops_per_token", "peak_allocated_gib",
+    "peak_reserved_gib", "epoch_s", "nonpad_tokens_per_step_mean", "trainer_counted_nonpad_tokens", "final_loss",
+}
+
+
+def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
+         "--batch-size", "8", "--dataset-size", "64", "--configs", "modified,evaluation", "--eval-examples", "12",
+         "--eval-batch-sizes", "8", "--json-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {"gpu", "versions"} <= set(report["environment"])
+    rows = {r["name"]: r for r in report["rows"]}
+    row = rows["modified"]
+    assert "error" not in row, row.get("error")
+    assert ROW_FIELDS <= set(row)
+    assert row["timed_steps"] == 2 and row["batch_size"] == 8
+    assert row["micro_batch_size"] * row["gradient_accumulation_steps"] == 8
+    assert row["tokens_per_s"] > 0 and row["step_ms_median"] > 0 and 0 <= row["padding_share_pct"] < 100
+    # The Trainer's own count of non-padding tokens agrees with the counting collator's.
+    assert row["trainer_counted_nonpad_tokens"] == round(row["nonpad_tokens_per_step_mean"] * row["timed_steps"])
+    assert row["peak_reserved_gib"] is None  # no CUDA here
+    assert row["profile"]["name"] == "modified"
+    evaluation = rows["evaluation"]
+    assert evaluation["examples"] == 12 and all(run["seconds"] > 0 for run in evaluation["runs"])
+    assert "| modified |" in done.stdout
+
+
+def test_configurations_hold_the_reference_rows_and_the_ablation():
+    import baseline
+    import modified
+
+    configs = {c.name: c for c in benchmark.configurations()}
+    seed = configs["seed-original"]
+    assert (seed.batch_size, seed.micro_batch_size, seed.pad_to_multiple_of) == (4, 1, 64)
+    assert seed.profile.precision == "fp32" and seed.profile.gradient_checkpointing
+    assert configs["baseline"].profile == baseline.PROFILE and configs["modified"].profile == modified.PROFILE
+    ablation = [c for c in configs.values() if c.group == "ablation"]
+    for earlier, later in zip([configs["baseline"]] + ablation, ablation):
+        changed = [f for f in benchmark.ABLATION_ORDER if getattr(earlier.profile, f) != getattr(later.profile, f)]
+        assert len(changed) == 1, (earlier.name, later.name, changed)  # one setting more per row
+    for c in configs.values():
+        assert c.batch_size % c.profile.gradient_accumulation_steps == 0
+
+
+def test_lengths_file_holds_histograms_only():
+    lengths = benchmark.load_lengths()
+    for key in ("train_sequence", "train_context", "train_answer", "eval_context"):
+        histogram = lengths[key]
+        assert sum(histogram.values()) == lengths["examples"]
+        assert all(k.isdigit() and isinstance(v, int) and v > 0 for k, v in histogram.items())
+    assert sum(lengths["eval_solution"].values()) == 2 * lengths["examples"]
+    assert "Llama-3" in lengths["note"] and lengths["tokenizer"]
+    assert 0 < lengths["context_share"] < 1
+
+
+def test_synthetic_features_follow_the_lengths_with_answer_only_labels():
+    lengths = benchmark.load_lengths()
+    features = benchmark.synthetic_features(500, 128256, lengths, seed=1)
+    assert features == benchmark.synthetic_features(500, 128256, lengths, seed=1)  # seeded
+    observed = sum(len(f["input_ids"]) for f in features) / len(features)
+    assert abs(observed - benchmark.mean_length(lengths["train_sequence"])) < 4
+    for f in features:
+        assert len(f["labels"]) == len(f["input_ids"])
+        masked = sum(label == IGNORE_INDEX for label in f["labels"])
+        assert 1 <= masked < len(f["input_ids"])
+        assert f["labels"][masked:] == f["input_ids"][masked:] and all(0 <= t < 128256 for t in f["input_ids"])
+
+
+def test_synthetic_eval_examples_have_piqa_token_counts():
+    lengths = benchmark.load_lengths()
+    tokenizer = benchmark.word_tokenizer()
+    example = benchmark.synthetic_examples(3, lengths, seed=0)[0]
+    ids = tokenizer(f"Question: {example.goal}\nAnswer:")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert len(ids) == 1 + 2 + len(example.goal.split())
