@@ -22,6 +22,7 @@ PROFILE = Profile(
     optim="adamw_torch_fused",  # the same AdamW arithmetic in one fused kernel
     use_liger_kernel=True,  # Triton kernels: fused linear + cross-entropy (no 128k-vocab logits), RMSNorm, SwiGLU, RoPE
     train_sampling_strategy="group_by_length",  # batches of similar length: little padding (changes batch mix)
+    cudnn_attention=False,  # cuDNN attention plans anew for every sequence length: 1.8x slower steps on an H100
 )
 
 if __name__ == "__main__":

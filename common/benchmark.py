@@ -57,6 +57,7 @@ NO_EFFECT_FIELDS = ("name", "save_total_limit", "load_best_model_at_end")
 # The order in which the ablation adds modified's settings to baseline's, one more per row.
 ABLATION_ORDER = (
     "precision",
+    "cudnn_attention",
     "optim",
     "use_liger_kernel",
     "gradient_checkpointing",
@@ -64,6 +65,7 @@ ABLATION_ORDER = (
     "train_sampling_strategy",
     "pin_memory",
     "torch_compile",
+    "pad_to_multiple_of",
 )
 
 ABLATION_TAGS = {  # short row names
@@ -75,6 +77,8 @@ ABLATION_TAGS = {  # short row names
     "train_sampling_strategy": lambda v: v,
     "pin_memory": lambda v: "pin" if v else "no-pin",
     "torch_compile": lambda v: "compile" if v else "no-compile",
+    "cudnn_attention": lambda v: "cudnn-attn" if v else "no-cudnn-attn",
+    "pad_to_multiple_of": lambda v: f"pad{v}",
 }
 
 
@@ -201,6 +205,10 @@ class BenchConfig:
     cudnn_sdpa: bool = True  # False: a diagnostic row with PyTorch's cuDNN attention backend turned off
 
     @property
+    def padding_multiple(self) -> int | None:
+        return self.pad_to_multiple_of or self.profile.pad_to_multiple_of
+
+    @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.profile.gradient_accumulation_steps
 
@@ -258,6 +266,8 @@ def configurations(batch_size: int = 128) -> list[BenchConfig]:
         ("modified" + ("-liger" if modified.use_liger_kernel else "+liger"),
          replace(modified, use_liger_kernel=not modified.use_liger_kernel),
          "modified with Liger kernels " + ("off" if modified.use_liger_kernel else "on"), False),
+        ("modified+pad16", replace(modified, pad_to_multiple_of=16),
+         "modified with every batch padded to a multiple of 16 tokens (fewer distinct shapes)", False),
         ("modified+adafactor", replace(modified, optim="adafactor"),
          "modified with optim=adafactor (factored second moments, no first moment)", True),
         ("modified+adamw8bit", replace(modified, optim="adamw_torch_8bit"),
@@ -266,12 +276,13 @@ def configurations(batch_size: int = 128) -> list[BenchConfig]:
          replace(modified, torch_compile=not modified.torch_compile),
          "modified with torch_compile " + ("off" if modified.torch_compile else "on"), False),
     ]
-    configs.append(BenchConfig(
+    if modified.cudnn_attention:
+        configs.append(BenchConfig(
         "modified[no-cudnn-sdpa]", "diagnostic", replace(modified, name="modified[no-cudnn-sdpa]"), batch_size,
         description="modified, with torch.backends.cuda.enable_cudnn_sdp(False): scaled_dot_product_attention "
                     "falls back from cuDNN to the memory-efficient kernel (not a Trainer setting: a diagnostic)",
         cudnn_sdpa=False,
-    ))
+        ))
     for name, profile, description, arithmetic in probes:
         if profile.optim == modified.optim and arithmetic:
             continue
@@ -403,7 +414,7 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int) -> f
         order = get_length_grouped_indices(lengths, config.batch_size, generator=generator)
     else:
         order = torch.randperm(len(lengths), generator=generator).tolist()
-    mb, multiple = config.micro_batch_size, config.pad_to_multiple_of
+    mb, multiple = config.micro_batch_size, config.padding_multiple
     real = padded = 0
     for start in range(0, len(order), mb):
         chunk = [lengths[i] for i in order[start : start + mb]]
@@ -446,8 +457,7 @@ def run_config(
     on_cuda = torch.cuda.is_available()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-        if not config.cudnn_sdpa:
-            torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(config.cudnn_sdpa and config.profile.cudnn_attention)
     started = time.perf_counter()
     grouped = config.profile.train_sampling_strategy == "group_by_length"
     timed_steps = max(steps, mega_batch_steps(dataset_size, config.batch_size)) if grouped else steps
@@ -473,7 +483,7 @@ def run_config(
     training_args.disable_tqdm = True
     training_args.logging_first_step = False
 
-    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=config.pad_to_multiple_of))
+    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=config.padding_multiple))
     timer = make_step_timer(warmup_steps, timed_steps, max_measure_s)
     callbacks = [timer]
     if profile_steps:
@@ -517,7 +527,7 @@ def run_config(
         "batch_size": config.batch_size,
         "micro_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "pad_to_multiple_of": config.pad_to_multiple_of,
+        "pad_to_multiple_of": config.padding_multiple,
         "cudnn_sdpa": config.cudnn_sdpa,
         "training_arguments": {
             "bf16": training_args.bf16, "fp16": training_args.fp16, "tf32": training_args.tf32,

@@ -36,6 +36,8 @@ class Profile:
     use_liger_kernel: bool = False
     torch_compile: bool = False
     train_sampling_strategy: str = "random"  # or "group_by_length"
+    pad_to_multiple_of: int | None = None  # pad each batch to a multiple of this many tokens (fewer distinct shapes)
+    cudnn_attention: bool = True  # PyTorch's cuDNN kernel for half-precision attention (it plans per shape)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "mixed"):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from common.config import ConfigError, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
+import torch
+
 from common import distributed
 from common.distributed import evaluate_on_all_ranks, is_main_process, world_size
 from common.evaluation import EvalResult, write_predictions
@@ -90,6 +92,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
 
 def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from) -> int:
     status = "failed"  # until the run ends normally or is interrupted
+    torch.backends.cuda.enable_cudnn_sdp(profile.cudnn_attention)
     started_s = time.perf_counter()
     metrics = MetricsFile(
         run_dir / "metrics.json",
@@ -179,7 +182,7 @@ def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor,
         model=model,
         args=build_training_arguments(args, profile, str(run_dir)),
         train_dataset=features,  # a list of dicts: datasets is needed only to read PIQA from the Hub
-        data_collator=PadToLongest(tokenizer.pad_token_id),
+        data_collator=PadToLongest(tokenizer.pad_token_id, profile.pad_to_multiple_of),
         processing_class=tokenizer,
         eval_dataset=data.selection,
         eval_batch_size=args.eval_batch_size,
