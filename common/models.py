@@ -126,7 +126,8 @@ def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: st
     path = Path(model)
     try:
         if path.suffix == ".gguf":
-            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            return _as_plain_model(gguf_model)
         # Hub weights only as safetensors (no pickle); a local folder may hold .bin, which transformers
         # reads with torch.load(weights_only=True).
         return AutoModelForCausalLM.from_pretrained(
@@ -138,6 +139,16 @@ def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: st
         )
     except Exception as err:  # noqa: BLE001 - re-raised as one clear line
         raise ModelLoadError(explain_load_failure(model, err)) from err
+
+
+def _as_plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """GGUF tensors arrive de-quantized to fp32, yet the model stays flagged as quantized and the Trainer would
+    refuse to fine-tune it. Drop the flag (and the config entry, so save_pretrained writes a plain model)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def explain_load_failure(model: str, err: Exception) -> str:
