@@ -125,6 +125,9 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
                 monitor.set_phase("train")
                 with torch_peak_memory("train", torch_peaks):
                     trainer = _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics)
+                torch_peaks["train"] = trainer.peaks.training_peaks(torch_peaks["train"])
+                if torch_peaks["train"].get("max_allocated_mib") is not None:
+                    torch_peaks["select"] = trainer.peaks.select
                 model = trainer.model
                 monitor.set_phase("eval")
                 with torch_peak_memory("eval", torch_peaks, empty_cache=True):

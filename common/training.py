@@ -120,6 +120,35 @@ def checkpointing_arguments(enabled: bool) -> dict:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+class SelectionPeaks:
+    """Torch allocator peaks of training, with the per-epoch selection evaluations measured apart (MiB).
+
+    Without this the training peak would be the selection pass's, whose full-vocabulary logits can exceed it.
+    """
+
+    def __init__(self) -> None:
+        self.train = {"max_allocated_mib": 0.0, "max_reserved_mib": 0.0}
+        self.select = {"max_allocated_mib": 0.0, "max_reserved_mib": 0.0}
+
+    def _fold_into(self, peaks: dict) -> None:
+        if torch.cuda.is_available():
+            peaks["max_allocated_mib"] = max(peaks["max_allocated_mib"], torch.cuda.max_memory_allocated() / 2**20)
+            peaks["max_reserved_mib"] = max(peaks["max_reserved_mib"], torch.cuda.max_memory_reserved() / 2**20)
+            torch.cuda.reset_peak_memory_stats()
+
+    def begin_selection(self) -> None:
+        self._fold_into(self.train)
+
+    def end_selection(self) -> None:
+        self._fold_into(self.select)
+
+    def training_peaks(self, since_last_selection: dict) -> dict:
+        """Combine with the peaks recorded after the last selection pass."""
+        if since_last_selection.get("max_allocated_mib") is None:
+            return since_last_selection
+        return {k: max(v, since_last_selection[k]) for k, v in self.train.items()}
+
+
 class PiqaTrainer(Trainer):
     """The Trainer, with `evaluate()` measuring PIQA accuracy (log-likelihood method) on its `eval_dataset`:
     the selection slice, a list of PiqaExample held out from the training data.
@@ -140,9 +169,11 @@ class PiqaTrainer(Trainer):
         self.selection_batch_size = eval_batch_size
         self.eval_autocast_dtype = eval_autocast_dtype
         self.on_phase = on_phase
+        self.peaks = SelectionPeaks()
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         self.on_phase("select")
+        self.peaks.begin_selection()
         try:
             result = evaluate_on_all_ranks(
                 self.model,
@@ -153,6 +184,7 @@ class PiqaTrainer(Trainer):
                 autocast_dtype=self.eval_autocast_dtype,
             )
         finally:
+            self.peaks.end_selection()
             self.on_phase("train")
         metrics = {
             f"{metric_key_prefix}_{SELECTION_METRIC}": result.acc_pct,
