@@ -112,7 +112,7 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
         write=is_main_process(),
     )
     torch_peaks: dict = {}
-    monitor = GpuMonitor(run_dir / "densenetsmi.txt", interval_s=args.monitor_interval, pmon=args.pmon)
+    monitor = GpuMonitor(run_dir / "densenetsmi.txt", interval_s=args.monitor_interval, pmon=args.pmon, phase="eval")
     try:
         with monitor:
             accuracy = {"n_examples": len(data.report)}

@@ -141,6 +141,8 @@ class SelectionPeaks:
 
     def end_selection(self) -> None:
         self._fold_into(self.select)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the selection pass's cached blocks back, so NVML's training figure is training's
 
     def training_peaks(self, since_last_selection: dict) -> dict:
         """Combine with the peaks recorded after the last selection pass."""
