@@ -71,8 +71,9 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
         )
         tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
         model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
+        disk_estimate = {}
         if not args.eval_only and not resume_from:
-            check_disk(run_dir, count_parameters(model), profile, math.ceil(args.num_train_epochs))
+            disk_estimate = check_disk(run_dir, count_parameters(model), profile, math.ceil(args.num_train_epochs))
         distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
         if is_main_process():
             if args.overwrite:
@@ -87,10 +88,10 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted while setting up: nothing was written", file=sys.stderr)
         return 130
-    return _run_experiment(args, profile, run_dir, data, model, tokenizer, resume_from)
+    return _run_experiment(args, profile, run_dir, data, model, tokenizer, resume_from, disk_estimate)
 
 
-def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from) -> int:
+def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from, disk_estimate) -> int:
     status = "failed"  # until the run ends normally or is interrupted
     torch.backends.cuda.enable_cudnn_sdp(profile.cudnn_attention)
     started_s = time.perf_counter()
@@ -149,7 +150,7 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
         metrics.data.setdefault("timing", {})["wall_s"] = time.perf_counter() - started_s
         metrics.update(
             memory={"nvml": monitor.summary(), "torch": torch_peaks},
-            disk={"checkpoints_mib": sum(directory_size_mib(p) for p in run_dir.glob("checkpoint-*"))},
+            disk={"checkpoints_mib": sum(directory_size_mib(p) for p in run_dir.glob("checkpoint-*")), **disk_estimate},
             status=status,
         )
     if is_main_process():
