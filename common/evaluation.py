@@ -27,6 +27,7 @@ METHODS = ("loglik", "generate")
 DEFAULT_BATCH_SIZE = 64  # examples per forward pass; the loglik method runs 2 sequences per example
 DEFAULT_MAX_NEW_TOKENS = 4  # after "Answer: Solution" a BPE model typically emits " ", "1", "." (3 tokens)
 LOG_SOFTMAX_CHUNK_BYTES = 1 << 30  # bound on the float32 log-softmax buffer per chunk of rows
+LOGITS_BUDGET_BYTES = 4 << 30  # bound on one batch's [rows x kept positions x vocabulary] logits, counted as float32
 
 
 @dataclass
@@ -137,9 +138,11 @@ def score_loglik(
     # A PEFT wrapper's forward takes **kwargs and passes them on; ask the model inside it.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    vocab_size = inner.get_output_embeddings().weight.shape[0]
+    batches = _batches_within_budget(order, sequences, batch_size, vocab_size, LOGITS_BUDGET_BYTES)
     scores = [0.0] * len(sequences)
     with torch.inference_mode(), _autocast(device, autocast_dtype):
-        for batch in _progress(list(_chunks(order, batch_size)), progress, "loglik"):
+        for batch in _progress(batches, progress, "loglik"):
             rows = [2 * i + choice for i in batch for choice in (0, 1)]
             batch_scores = _score_batch(
                 model, [sequences[r] for r in rows], device, _pad_id(tokenizer), takes_logits_to_keep
@@ -147,6 +150,26 @@ def score_loglik(
             for row, score in zip(rows, batch_scores):
                 scores[row] = score
     return [(scores[2 * i], scores[2 * i + 1]) for i in range(len(examples))]
+
+
+def _batches_within_budget(
+    order: list[int], sequences: list[tuple[list[int], list[int]]], batch_size: int, vocab_size: int, budget_bytes: int
+) -> list[list[int]]:
+    """At most `batch_size` examples a batch, fewer where long solutions would make the logits exceed the budget."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    keep = 0
+    for i in order:
+        example_keep = max(len(sequences[2 * i][1]), len(sequences[2 * i + 1][1]))
+        grown_keep = max(keep, example_keep)
+        if batch and (len(batch) == batch_size or 2 * (len(batch) + 1) * grown_keep * vocab_size * 4 > budget_bytes):
+            batches.append(batch)
+            batch, grown_keep = [], example_keep
+        batch.append(i)
+        keep = grown_keep
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def _score_batch(

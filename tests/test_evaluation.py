@@ -115,6 +115,28 @@ def test_batch_size_and_tokenizer_padding_side_do_not_change_scores(model, token
             assert a == pytest.approx(b, abs=1e-4)
 
 
+def test_logits_budget_splits_batches_without_changing_scores(model, tokenizer, monkeypatch):
+    import common.evaluation as evaluation
+
+    whole = score_loglik(model, tokenizer, EXAMPLES, batch_size=16)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    longest_solution_tokens = max(len(tokenizer(" " + s)["input_ids"]) for e in EXAMPLES for s in (e.sol1, e.sol2))
+    budget_bytes = 2 * 2 * longest_solution_tokens * vocab_size * 4  # two examples' logits at most
+    monkeypatch.setattr(evaluation, "LOGITS_BUDGET_BYTES", budget_bytes)
+    calls = []
+    real_score_batch = evaluation._score_batch
+
+    def recording_score_batch(m, sequences, *args):
+        calls.append(len(sequences) * max(len(continuation) for _, continuation in sequences) * vocab_size * 4)
+        return real_score_batch(m, sequences, *args)
+
+    monkeypatch.setattr(evaluation, "_score_batch", recording_score_batch)
+    split = score_loglik(model, tokenizer, EXAMPLES, batch_size=16)
+    assert len(calls) > 1 and max(calls) <= budget_bytes
+    for a, b in zip(whole, split):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
 def test_acc_norm_divides_by_solution_characters_without_the_leading_space(tokenizer):
     # Uniform model: log-prob sum = -(tokens) * log(V), one token per byte, plus one for the leading space.
     # acc picks the shorter sol1. Per character of the solution, the longer sol2 wins (-9/8 vs -3/2 * log V);
