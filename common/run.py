@@ -49,6 +49,8 @@ def _raise_terminated(signum, frame):
 def run(profile: Profile, argv: list[str] | None = None) -> int:
     """Entry point of baseline.py and modified.py; returns the process exit code."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # Ctrl-C must stop the run cleanly even when a parent shell started it with SIGINT ignored (`cmd &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     user_visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     if note := one_gpu_unless_distributed():
         print(note)

@@ -404,7 +404,8 @@ def test_pmon_is_stopped_on_exception(tmp_path: Path, exc_type: type[BaseExcepti
 
 
 CTRL_C_CHILD = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell may start us with SIGINT ignored
 sys.path[:0] = [{repo!r}, {tests!r}]
 from test_monitor import FakeNvml, SLEEPER
 from common.monitor import GpuMonitor
