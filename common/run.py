@@ -15,11 +15,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common.config import ConfigError, ExperimentArguments, Profile, parse_arguments, resolved_config
-from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
 import torch
 
 from common import distributed
+from common.config import ConfigError, Profile, parse_arguments, resolved_config
+from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
 from common.distributed import evaluate_on_all_ranks, is_main_process, world_size
 from common.evaluation import EvalResult, write_predictions
 from common.models import ModelLoadError, check_model_path, count_parameters, load_model, load_tokenizer

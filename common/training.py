@@ -12,7 +12,6 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from common.config import ConfigError, ExperimentArguments, Profile
-from common.data import PiqaExample
 from common.distributed import evaluate_on_all_ranks, world_size
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %

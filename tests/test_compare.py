@@ -16,13 +16,7 @@ from matplotlib.image import imread
 from scipy.stats import binomtest
 
 from common import compare
-from common.compare import (
-    load_run,
-    mcnemar_exact_p,
-    paired_difference_interval,
-    paired_test,
-    wilson_interval,
-)
+from common.compare import load_run, mcnemar_exact_p, paired_difference_interval, paired_test, wilson_interval
 from common.monitor import MIB, GpuMonitor
 
 ROOT = Path(__file__).resolve().parent.parent

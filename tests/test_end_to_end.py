@@ -1,6 +1,5 @@
 """Both scripts' real entry points, run with --smoke in subprocesses; assertions on the files they write."""
 
-import csv
 import json
 import os
 import subprocess

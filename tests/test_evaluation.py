@@ -12,14 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common.data import PiqaExample
-from common.prompts import encode_pair
-from common.evaluation import (
-    evaluate,
-    parse_choice,
-    score_loglik,
-    write_predictions,
-)
-from common.prompts import format_context, format_continuation
+from common.evaluation import evaluate, parse_choice, score_loglik, write_predictions
+from common.prompts import encode_pair, format_context, format_continuation
 
 
 def make_tokenizer(merges: list[tuple[str, str]] | None = None) -> PreTrainedTokenizerFast:

@@ -15,8 +15,8 @@ import pytest
 
 import baseline
 from common.config import Profile
-from common.rundir import RunDirError, check_disk
 from common.run import run
+from common.rundir import RunDirError, check_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
