@@ -27,6 +27,8 @@ def start(script: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, script, "--smoke", *argv], cwd=ROOT, env=env or ENV,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal: a CI shell may run us as a background job, which starts children with SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
