@@ -119,7 +119,6 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
     try:
         with monitor:
             accuracy = {"n_examples": len(data.report)}
-            monitor.set_phase("eval")
             with torch_peak_memory("eval_zero_shot", torch_peaks):
                 accuracy["zero_shot"] = _report_accuracy(args, profile, model, tokenizer, data, run_dir, "zero_shot")
             metrics.update(accuracy=accuracy)
@@ -150,14 +149,15 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
               "partial results in metrics.json", file=sys.stderr)
     finally:
         metrics.data.setdefault("timing", {})["wall_s"] = time.perf_counter() - started_s
+        nvml_summary = monitor.summary()
         metrics.update(
-            memory={"nvml": monitor.summary(), "torch": torch_peaks},
+            memory={"nvml": nvml_summary, "torch": torch_peaks},
             disk={"checkpoints_mib": sum(directory_size_mib(p) for p in run_dir.glob("checkpoint-*")), **disk_estimate},
             status=status,
         )
     if is_main_process():
         print(f"\n== {profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
-        print(format_summary(monitor.summary(), torch_peaks))
+        print(format_summary(nvml_summary, torch_peaks))
     return 0 if status == "finished" else 130
 
 
