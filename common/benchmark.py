@@ -29,9 +29,10 @@ import importlib.metadata
 import json
 import math
 import multiprocessing
-import multiprocessing.forkserver as forkserver
 import os
+import pickle
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +268,8 @@ def configurations(batch_size: int = 128) -> list[BenchConfig]:
         ("modified" + ("-liger" if modified.use_liger_kernel else "+liger"),
          replace(modified, use_liger_kernel=not modified.use_liger_kernel),
          "modified with Liger kernels " + ("off" if modified.use_liger_kernel else "on"), False),
+        ("modified+liger-flce", replace(modified, use_liger_kernel=True, liger_kernels=("fused_linear_cross_entropy",)),
+         "modified with only Liger's fused linear cross-entropy (PyTorch's own RMSNorm, SwiGLU and RoPE)", False),
         ("modified+pad16", replace(modified, pad_to_multiple_of=16),
          "modified with every batch padded to a multiple of 16 tokens (fewer distinct shapes)", False),
         ("modified+adafactor", replace(modified, optim="adafactor"),
@@ -404,7 +408,7 @@ def make_profiler_callback(warmup_steps: int):
     return ProfilerCallback()
 
 
-def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int) -> float:
+def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int, micro_batch_size: int) -> float:
     """Padding share over a whole epoch of these lengths, with the configuration's sampler and micro-batches."""
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -414,7 +418,7 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int) -> f
         order = get_length_grouped_indices(lengths, config.batch_size, generator=generator)
     else:
         order = torch.randperm(len(lengths), generator=generator).tolist()
-    mb, multiple = config.micro_batch_size, config.padding_multiple
+    mb, multiple = micro_batch_size, config.padding_multiple
     real = padded = 0
     for start in range(0, len(order), mb):
         chunk = [lengths[i] for i in order[start : start + mb]]
@@ -424,6 +428,22 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int) -> f
         real += sum(chunk)
         padded += longest * len(chunk)
     return 100.0 * (1 - real / padded)
+
+
+def combine_ranks(step_s, compute_s, real, total, peak_allocated, peak_reserved) -> tuple:
+    """Every rank's measurements into one: tokens summed, times and memory peaks the largest rank's."""
+    import torch.distributed as dist
+
+    mine = (step_s, compute_s, real, total, peak_allocated, peak_reserved)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    steps, computes, reals, totals, allocated, reserved = zip(*everyone)
+
+    def peak(values):
+        return None if None in values else max(values)
+
+    return ([max(s) for s in zip(*steps)], [max(s) for s in zip(*computes)], [sum(t) for t in zip(*reals)],
+            [sum(t) for t in zip(*totals)], peak(allocated), peak(reserved))
 
 
 def mega_batch_steps(examples: int, batch_size: int) -> int:
@@ -445,17 +465,24 @@ def run_config(
     """Train `config` for warm-up + timed optimizer steps; one row of measurements.
 
     `profile_steps` > 0: the timed steps run under torch.profiler (slower), and the row gets where the time went.
+    Under torchrun (DDP, one GPU per process) every rank runs this; tokens are summed over ranks, step times and
+    peak memory are the slowest / largest rank's, and the row is the same on every rank.
     """
     import torch
     from transformers import Trainer
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     from common.data import PadToLongest
+    from common.distributed import world_size
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import build_training_arguments
+    from common.training import build_training_arguments, liger_kernel_config
 
     on_cuda = torch.cuda.is_available()
+    ranks = world_size()
+    if ranks > 1:
+        max_measure_s = math.inf  # every rank must stop at the same step: a count, not a clock
     if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.reset_peak_memory_stats()
         torch.backends.cuda.enable_cudnn_sdp(config.cudnn_sdpa and config.profile.cudnn_attention)
     started = time.perf_counter()
@@ -513,7 +540,10 @@ def run_config(
         batches = collator.batches[i * accumulation : (i + 1) * accumulation]
         real.append(sum(b[0] for b in batches))
         total.append(sum(b[1] for b in batches))
-    trainer_counted = timer.tokens_seen[done - 1] - timer.tokens_seen[warmup_steps - 1]
+    trainer_counted = timer.tokens_seen[done - 1] - timer.tokens_seen[warmup_steps - 1]  # all ranks (Trainer gathers)
+    if ranks > 1:
+        step_s, compute_s, real, total, peak_allocated, peak_reserved = combine_ranks(
+            step_s, compute_s, real, total, peak_allocated, peak_reserved)
     tokens_per_s = sum(real) / sum(step_s)
     flops_per_token = (8 if config.profile.gradient_checkpointing else 6) * parameters
     epoch_tokens = PIQA_TRAIN_EXAMPLES * mean_length(lengths["train_sequence"])
@@ -533,7 +563,8 @@ def run_config(
             "bf16": training_args.bf16, "fp16": training_args.fp16, "tf32": training_args.tf32,
             "optim": str(getattr(training_args.optim, "value", training_args.optim)),
             "gradient_checkpointing": training_args.gradient_checkpointing,
-            "use_liger_kernel": training_args.use_liger_kernel, "torch_compile": training_args.torch_compile,
+            "use_liger_kernel": training_args.use_liger_kernel, "liger_kernel_config": liger_kernel_config(config.profile),
+            "torch_compile": training_args.torch_compile,
             "train_sampling_strategy": training_args.train_sampling_strategy,
             "dataloader_pin_memory": training_args.dataloader_pin_memory,
         },
@@ -541,6 +572,8 @@ def run_config(
         "model": model_name,
         "parameters": parameters,
         "device": device_name,
+        "world_size": ranks,
+        "engine": "DDP" if ranks > 1 else "single process",
         "warmup_steps": warmup_steps,
         "timed_steps": len(step_s),
         "step_ms_median": 1000 * statistics.median(step_s),
@@ -549,13 +582,15 @@ def run_config(
         "nonpad_tokens_per_step_mean": statistics.fmean(real),
         "tokens_per_step_mean": statistics.fmean(total),
         "trainer_counted_nonpad_tokens": trainer_counted,
-        "tokens_per_s": tokens_per_s,
+        "tokens_per_s": tokens_per_s,  # all GPUs together
+        "tokens_per_s_per_gpu": tokens_per_s / ranks,
         "tokens_per_s_median_step": statistics.median(r / s for r, s in zip(real, step_s)),
         "padding_share_pct": 100.0 * (1 - sum(real) / sum(total)),
         "epoch_padding_share_pct": epoch_padding_share(sample_lengths(
-            lengths["train_sequence"], PIQA_TRAIN_EXAMPLES, random.Random(seed)), config, seed),
+            lengths["train_sequence"], PIQA_TRAIN_EXAMPLES, random.Random(seed)), config, seed,
+            training_args.per_device_train_batch_size),
         "flops_per_token": flops_per_token,
-        "mfu_pct": 100.0 * tokens_per_s * flops_per_token / H100_BF16_DENSE_PEAK_FLOPS,
+        "mfu_pct": 100.0 * tokens_per_s / ranks * flops_per_token / H100_BF16_DENSE_PEAK_FLOPS,  # per GPU
         "peak_allocated_gib": peak_allocated,
         "peak_reserved_gib": peak_reserved,
         "epoch_steps": epoch_steps,
@@ -720,6 +755,39 @@ def run_isolated(target, kwargs: dict, timeout_s: float, fork: bool) -> dict[str
         Path(out_path).unlink(missing_ok=True)
 
 
+def run_distributed(target, kwargs: dict, nproc: int, timeout_s: float) -> dict[str, Any]:
+    """`target(**kwargs)` on `nproc` GPUs of this machine: torchrun starts one process per GPU, the Trainer runs
+    DDP, and rank 0's result comes back."""
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as folder:
+        job, out = Path(folder) / "job.pickle", Path(folder) / "row.json"
+        job.write_bytes(pickle.dumps((target, kwargs)))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "common.benchmark", "--worker", str(job), str(out)]
+        process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)  # its own group: killed whole
+        try:
+            code = process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"error": f"torchrun ended with code {code} and no result"}
+
+
+def worker(job: str, out: str) -> int:
+    """One torchrun process of run_distributed: every rank runs the job, rank 0 writes the result."""
+    target, kwargs = pickle.loads(Path(job).read_bytes())
+    try:
+        result = target(**kwargs)
+    except Exception as err:  # noqa: BLE001 - rank 0 reports it as the row's error
+        traceback.print_exc()
+        result = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
 def environment() -> dict[str, Any]:
     versions = {}
     for package in ("torch", "transformers", "accelerate", "liger-kernel", "torchao", "triton"):
@@ -761,8 +829,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         x_seed = r["tokens_per_s"] / seed["tokens_per_s"] if seed.get("tokens_per_s") else None
         x_base = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
         minutes = r["epoch_s"] / 60
+        gpus = r.get("world_size", 1)
+        label = r["name"] if gpus == 1 else f"{r['name']} (DDP, {gpus} GPUs: {r['tokens_per_s_per_gpu']:,.0f} per GPU)"
         lines.append(
-            f"| {r['name']} | {r['micro_batch_size']} x {r['gradient_accumulation_steps']} | "
+            f"| {label} | {r['micro_batch_size']} x {r['gradient_accumulation_steps']} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_median_step']:,.0f} | {num(x_seed, '.1f')} | {num(x_base, '.1f')} | {r['padding_share_pct']:.1f} | "
             f"{r['mfu_pct']:.1f} | {r['step_ms_median']:,.0f} | {num(r['peak_allocated_gib'], '.1f')} | "
             f"{num(r['peak_reserved_gib'], '.1f')} | {num(r.get('nvml_peak_mib'), ',.0f')} | "
@@ -835,11 +905,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None,
                         help="also run this configuration for a few steps under torch.profiler (its own row)")
     parser.add_argument("--no-fork", action="store_true", help="run configurations in this process (tests, debugging)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="GPUs per configuration: above 1, torchrun runs each one data-parallel (DDP) on that "
+                             "many GPUs of this machine, the batch split across them (--batch-size is the total)")
+    parser.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)  # one torchrun rank
     parser.add_argument("--measure-lengths", action="store_true", help="rebuild common/piqa_lengths.json and exit")
     parser.add_argument("--tokenizer", help="with --measure-lengths: a tokenizer directory or .gguf file")
     parser.add_argument("--data-dir", help="with --measure-lengths: PIQA in its release layout (valid.jsonl)")
     options = parser.parse_args(argv)
 
+    if options.worker:
+        return worker(*options.worker)
+    if options.nproc < 1:
+        parser.error("--nproc must be at least 1")
+    if options.nproc > 1 and options.no_fork:
+        parser.error("--nproc runs every configuration under torchrun; --no-fork does not apply")
+    if options.nproc > 1 and options.profile:
+        parser.error("--profile runs on one GPU; leave out --nproc")
     if options.measure_lengths:
         if not options.tokenizer or not options.data_dir:
             parser.error("--measure-lengths needs --tokenizer and --data-dir")
@@ -864,8 +946,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown configuration(s) {', '.join(unknown)}; --list shows them")
         chosen = [known[n] for n in names if n in known]
 
+    from common.distributed import one_gpu_unless_distributed
     from common.monitor import GpuMonitor
 
+    if options.nproc == 1 and (note := one_gpu_unless_distributed()):
+        print(note, flush=True)  # else the Trainer would run DataParallel over every visible GPU
     lengths = load_lengths()
     json_out = Path(options.json_out)
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -876,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(),
         "settings": {
             "model": options.model, "steps": options.steps, "warmup_steps": options.warmup_steps,
-            "max_measure_s": options.max_measure_s, "batch_size": options.batch_size,
+            "max_measure_s": options.max_measure_s, "batch_size": options.batch_size, "gpus": options.nproc,
             "dataset_size": options.dataset_size, "seed": options.seed,
             "peak_flops": H100_BF16_DENSE_PEAK_FLOPS,
             "mfu": "non-padding tokens/s x 6 x parameters (8 x with gradient checkpointing) / 989 TFLOP/s "
@@ -907,13 +992,17 @@ def main(argv: list[str] | None = None) -> int:
             phase = name.replace(",", "_")
             monitor.set_phase(phase)
             monitor.sample_now()
-            row = run_isolated(target, kwargs, options.config_timeout_s, fork=not options.no_fork)
+            if options.nproc > 1 and target is run_config:
+                row = run_distributed(target, kwargs, options.nproc, options.config_timeout_s)
+            else:
+                row = run_isolated(target, kwargs, options.config_timeout_s, fork=not options.no_fork)
             monitor.sample_now()
             monitor.set_phase("idle")
             row.setdefault("name", name)
             phases = monitor.summary().get("phases", {})
-            if phase in phases and phases[phase]:
-                row["nvml_peak_mib"] = max(g["peak_used_mib"] for g in phases[phase].values())
+            if phases.get(phase):
+                row["nvml_peak_mib_per_gpu"] = {gpu: g["peak_used_mib"] for gpu, g in phases[phase].items()}
+                row["nvml_peak_mib"] = max(row["nvml_peak_mib_per_gpu"].values())
             report["rows"].append(row)
             write()
             if "error" in row:

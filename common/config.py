@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """An argument the user must fix."""
 
 
+# Liger's kernels for Llama, as apply_liger_kernel_to_llama names them.
+LIGER_KERNELS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy", "cross_entropy")
+
+
 @dataclass(frozen=True)
 class Profile:
     """The settings in which baseline.py and modified.py differ, and nothing else."""
@@ -34,6 +38,7 @@ class Profile:
     gradient_accumulation_steps: int = 4  # micro-batches per optimizer step; the batch size stays the experiment's
     optim: str = "adamw_torch"  # a TrainingArguments optimizer name
     use_liger_kernel: bool = False
+    liger_kernels: tuple[str, ...] | None = None  # with use_liger_kernel: only these (LIGER_KERNELS); None: Liger's defaults
     torch_compile: bool = False
     train_sampling_strategy: str = "random"  # or "group_by_length"
     pad_to_multiple_of: int | None = None  # pad each batch to a multiple of this many tokens (fewer distinct shapes)
@@ -42,6 +47,9 @@ class Profile:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "mixed"):
             raise ConfigError(f"Profile.precision must be 'fp32' or 'mixed', got {self.precision!r}")
+        unknown = set(self.liger_kernels or ()) - set(LIGER_KERNELS)
+        if unknown:
+            raise ConfigError(f"Profile.liger_kernels: unknown {sorted(unknown)}; known: {', '.join(LIGER_KERNELS)}")
 
 
 @dataclass

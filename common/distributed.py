@@ -31,6 +31,20 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def one_gpu_unless_distributed() -> str | None:
+    """A plain `python3 baseline.py` uses one GPU: with several visible, the Trainer would wrap the model in
+    DataParallel and multiply the batch. torchrun / accelerate launch (WORLD_SIZE set) use one GPU per process.
+    Must run before CUDA is first touched; returns a note for the console when it narrowed the choice."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if "WORLD_SIZE" in os.environ or (visible is not None and "," not in visible):
+        return None
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+    if visible is None:
+        return None
+    return f"note: one process uses one GPU: CUDA_VISIBLE_DEVICES={first} (use torchrun for {visible})"
+
+
 def init() -> None:
     """Join the process group early, so ranks can wait for one another while the run directory is prepared.
 

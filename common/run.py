@@ -20,20 +20,13 @@ import torch
 from common import distributed
 from common.config import ConfigError, Profile, parse_arguments, resolved_config
 from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
-from common.distributed import evaluate_on_all_ranks, is_main_process, world_size
+from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
 from common.evaluation import EvalResult, write_predictions
 from common.models import ModelLoadError, check_model_path, count_parameters, load_model, load_tokenizer
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib
-from common.training import (
-    PiqaTrainer,
-    autocast_dtype,
-    build_training_arguments,
-    check_visible_gpus,
-    compute_device,
-    one_gpu_unless_distributed,
-)
+from common.training import PiqaTrainer, autocast_dtype, build_training_arguments, check_visible_gpus, compute_device
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from transformers import Trainer, TrainingArguments
 
-from common.config import ConfigError, ExperimentArguments, Profile
+from common.config import LIGER_KERNELS, ConfigError, ExperimentArguments, Profile
 from common.distributed import evaluate_on_all_ranks, world_size
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
@@ -26,20 +26,6 @@ def mixed_precision_dtype() -> torch.dtype:
 
 def autocast_dtype(profile: Profile) -> torch.dtype | None:
     return mixed_precision_dtype() if profile.precision == "mixed" else None
-
-
-def one_gpu_unless_distributed() -> str | None:
-    """A plain `python3 baseline.py` uses one GPU: with several visible, the Trainer would wrap the model in
-    DataParallel and multiply the batch. torchrun / accelerate launch (WORLD_SIZE set) use one GPU per process.
-    Must run before CUDA is first touched; returns a note for the console when it narrowed the choice."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if "WORLD_SIZE" in os.environ or (visible is not None and "," not in visible):
-        return None
-    first = "0" if visible is None else visible.split(",")[0].strip()
-    os.environ["CUDA_VISIBLE_DEVICES"] = first
-    if visible is None:
-        return None
-    return f"note: one process uses one GPU: CUDA_VISIBLE_DEVICES={first} (use torchrun for {visible})"
 
 
 def check_visible_gpus(visible: str | None) -> None:
@@ -65,6 +51,13 @@ def liger_kernel_usable() -> bool:
         warnings.warn("use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); running without it")
         return False
     return True
+
+
+def liger_kernel_config(profile: Profile) -> dict[str, bool] | None:
+    """Profile.liger_kernels as the Trainer's liger_kernel_config: the named kernels on, the others off."""
+    if profile.liger_kernels is None:
+        return None
+    return {kernel: kernel in profile.liger_kernels for kernel in LIGER_KERNELS}
 
 
 def build_training_arguments(args: ExperimentArguments, profile: Profile, run_dir: str) -> TrainingArguments:
@@ -107,6 +100,7 @@ def build_training_arguments(args: ExperimentArguments, profile: Profile, run_di
         gradient_accumulation_steps=profile.gradient_accumulation_steps,
         optim=profile.optim,
         use_liger_kernel=profile.use_liger_kernel and liger_kernel_usable(),
+        liger_kernel_config=liger_kernel_config(profile),
         torch_compile=profile.torch_compile,
         train_sampling_strategy=profile.train_sampling_strategy,
     )

@@ -45,6 +45,34 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     assert "| modified |" in done.stdout
 
 
+def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path):
+    """--nproc 2: torchrun, two ranks (gloo on CPU), the batch split between them, tokens of both counted."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
+         "--batch-size", "8", "--dataset-size", "64", "--configs", "modified", "--nproc", "2",
+         "--json-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert "error" not in row, row.get("error")
+    assert (row["world_size"], row["engine"], row["micro_batch_size"]) == (2, "DDP", 4)  # 8 = 2 ranks x 4
+    assert row["tokens_per_s_per_gpu"] == row["tokens_per_s"] / 2
+    # Both ranks' tokens: the Trainer's count (gathered over ranks) equals the sum of both collators'.
+    assert row["trainer_counted_nonpad_tokens"] == round(row["nonpad_tokens_per_step_mean"] * row["timed_steps"])
+    assert row["timed_steps"] == 2
+    assert "(DDP, 2 GPUs:" in done.stdout
+
+
+def test_nproc_is_checked_up_front():
+    for extra, message in ((["--nproc", "0"], "at least 1"), (["--nproc", "2", "--no-fork"], "--no-fork")):
+        done = subprocess.run([sys.executable, "-m", "common.benchmark", "--configs", "modified", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr
+
+
 def test_configurations_hold_the_reference_rows_and_the_ablation():
     import baseline
     import modified

@@ -31,3 +31,21 @@ def test_selection_peaks_are_kept_apart_from_training(monkeypatch):
 def test_without_cuda_training_peaks_pass_through():
     none = {"max_allocated_mib": None, "max_reserved_mib": None}
     assert SelectionPeaks().training_peaks(none) == none
+
+
+def test_liger_kernels_select_liger_kernel_config():
+    import dataclasses
+
+    import pytest
+
+    import modified
+    from common.config import LIGER_KERNELS, ConfigError
+    from common.training import liger_kernel_config
+
+    only_flce = dataclasses.replace(modified.PROFILE, liger_kernels=("fused_linear_cross_entropy",))
+    config = liger_kernel_config(only_flce)
+    assert set(config) == set(LIGER_KERNELS)
+    assert [k for k, on in config.items() if on] == ["fused_linear_cross_entropy"]
+    assert liger_kernel_config(dataclasses.replace(modified.PROFILE, liger_kernels=None)) is None
+    with pytest.raises(ConfigError, match="flash"):
+        dataclasses.replace(modified.PROFILE, liger_kernels=("flash",))
