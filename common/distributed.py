@@ -66,8 +66,8 @@ def evaluate_on_all_ranks(
 ) -> EvalResult:
     """Each rank scores every world_size-th example; the records are gathered and merged in input order.
 
-    Shards are padded to equal length (the padding is scored and dropped) so that every rank runs the same
-    number of forward passes: FSDP needs all ranks in lock-step. No example is scored twice or lost.
+    Shards are padded to equal length (the padding is scored and dropped) and evaluated in lock-step (the same
+    number of forward passes on every rank, see `evaluate`): FSDP needs it. No example is scored twice or lost.
     """
     if not dist.is_initialized() or world_size() == 1:
         return evaluate(model, tokenizer, examples, method=method, **options)
@@ -76,7 +76,7 @@ def evaluate_on_all_ranks(
     shard_size = math.ceil(len(examples) / ranks)
     mine = list(range(rank(), len(examples), ranks))
     padded = mine + [mine[0] if mine else 0] * (shard_size - len(mine))
-    result = evaluate(model, tokenizer, [examples[i] for i in padded], method=method, **options)
+    result = evaluate(model, tokenizer, [examples[i] for i in padded], method=method, lockstep=True, **options)
     shard = list(zip(mine, result.predictions[: len(mine)]))
     gathered: list = [None] * ranks
     dist.all_gather_object(gathered, shard)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from common.data import PiqaExample
@@ -61,8 +62,14 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    lockstep: bool = False,
 ) -> EvalResult:
     """Accuracy of `model` on `examples` with one method; the model's train/eval mode is restored afterwards.
+
+    `lockstep`: this is one rank's shard, and every rank of the process group must run the same forward passes
+    (an FSDP model all-gathers its parameters in each one): ranks with fewer batches run filler passes, and
+    generation goes on until every rank is done. Without it a rank that finished early would meet the others'
+    next collective (seen on two GPUs: the final model's save hung).
 
     `model` may be wrapped (DDP, torch.compile) and on any device: inputs go to its input embeddings' device.
     `autocast_dtype` (torch.bfloat16 / torch.float16) runs the forward passes under autocast, for a model the
@@ -81,10 +88,10 @@ def evaluate(
     model.eval()
     try:
         if method == "loglik":
-            result = _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress)
+            result = _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, lockstep)
         else:
             result = _evaluate_generate(
-                model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens
+                model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, lockstep
             )
     finally:
         model.train(was_training)
@@ -111,6 +118,7 @@ def score_loglik(
     batch_size: int = DEFAULT_BATCH_SIZE,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    lockstep: bool = False,
 ) -> list[tuple[float, float]]:
     """Summed log-probability of ` {sol1}` and ` {sol2}` given `Question: {goal}\\nAnswer:`, per example.
 
@@ -140,6 +148,8 @@ def score_loglik(
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
     vocab_size = inner.get_output_embeddings().weight.shape[0]
     batches = _batches_within_budget(order, sequences, batch_size, vocab_size, LOGITS_BUDGET_BYTES)
+    # The logits budget splits batches by length, so shards of equal size can still differ in batch count.
+    fillers = _most_batches_of_any_rank(len(batches), device) - len(batches) if lockstep else 0
     scores = [0.0] * len(sequences)
     with torch.inference_mode(), _autocast(device, autocast_dtype):
         for batch in _progress(batches, progress, "loglik"):
@@ -149,7 +159,17 @@ def score_loglik(
             )
             for row, score in zip(rows, batch_scores):
                 scores[row] = score
+        for _ in range(fillers):  # scored and dropped: only the other ranks need this forward pass
+            _score_batch(model, sequences[:1], device, _pad_id(tokenizer), takes_logits_to_keep)
     return [(scores[2 * i], scores[2 * i + 1]) for i in range(len(examples))]
+
+
+def _most_batches_of_any_rank(local_batches: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return local_batches
+    count = torch.tensor([local_batches], device=device)  # on the model's device: NCCL takes GPU tensors only
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def _batches_within_budget(
@@ -209,8 +229,8 @@ def _score_batch(
     return (token_logprobs * target_mask).sum(dim=-1).tolist()
 
 
-def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress) -> EvalResult:
-    scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress)
+def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, lockstep) -> EvalResult:
+    scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, lockstep)
     records = []
     for example, (score1, score2) in zip(examples, scores):
         # The harness divides by len(choice), the solution without the leading space; np.argmax keeps the first of ties.
@@ -256,6 +276,7 @@ def generate_choices(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    lockstep: bool = False,
 ) -> list[str]:
     """Greedy continuation (up to `max_new_tokens`) of each example's `format_choice_prompt`, decoded, in input order."""
     model = unwrap_model(model)
@@ -273,7 +294,8 @@ def generate_choices(
     with torch.inference_mode(), _autocast(device, autocast_dtype):
         for batch in _progress(list(_chunks(order, batch_size)), progress, "generate"):
             input_ids, attention_mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                    synced_gpus=lockstep and dist.is_initialized())
             new_tokens = output[:, input_ids.shape[1] :].tolist()
             for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 texts[i] = text
@@ -281,9 +303,9 @@ def generate_choices(
 
 
 def _evaluate_generate(
-    model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens
+    model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, lockstep
 ) -> EvalResult:
-    texts = generate_choices(model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens)
+    texts = generate_choices(model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, lockstep)
     records = [
         {"id": e.id, "label": e.label, "prediction": parse_choice(text), "generated_text": text}
         for e, text in zip(examples, texts)

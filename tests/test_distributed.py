@@ -41,3 +41,22 @@ def test_torchrun_two_processes_end_to_end(tmp_path, script):
     together = metrics["accuracy"]["fine_tuned"]["loglik"]
     assert together["acc_pct"] == pytest.approx(alone["acc_pct"])
     assert together["acc_norm_pct"] == pytest.approx(alone["acc_norm_pct"])
+
+
+def test_evaluation_keeps_ranks_in_lockstep(tmp_path):
+    """FSDP needs every rank in every forward pass. Batches split by the logits budget differ between the
+    ranks' shards; evaluation must still run as many passes on each rank, and score as one process does."""
+    out = tmp_path / "lockstep.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "lockstep_worker.py"), str(out)],
+        cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = json.loads(out.read_text())
+    alone = [r["forward_passes_alone"] for r in seen["ranks"]]
+    assert alone[0] != alone[1], f"the shards should need different batch counts here: {alone}"
+    assert seen["ranks"][0]["forward_passes"] == seen["ranks"][1]["forward_passes"] >= max(alone)
+    assert seen["ids_together"] == seen["ids_alone"]
+    flat = [score for pair in seen["together"] for score in pair]
+    assert flat == pytest.approx([score for pair in seen["alone"] for score in pair], abs=1e-3)
