@@ -69,7 +69,7 @@ def evaluate(
     `lockstep`: this is one rank's shard, and every rank of the process group must run the same forward passes
     (an FSDP model all-gathers its parameters in each one): ranks with fewer batches run filler passes, and
     generation goes on until every rank is done. Without it a rank that finished early would meet the others'
-    next collective (seen on two GPUs: the final model's save hung).
+    next collective (the likely cause of a hang seen on two GPUs when the final model was saved under FSDP).
 
     `model` may be wrapped (DDP, torch.compile) and on any device: inputs go to its input embeddings' device.
     `autocast_dtype` (torch.bfloat16 / torch.float16) runs the forward passes under autocast, for a model the
