@@ -1,8 +1,9 @@
-"""Training speed and memory of the profiles on one GPU, through the experiment's own code path.
+"""Training speed and memory of the profiles on one GPU (or N with --nproc), through the experiment's own code path.
 
     python3 -m common.benchmark                          # every configuration + evaluation speed, one GPU
     python3 -m common.benchmark --configs baseline,modified --steps 10
     python3 -m common.benchmark --list                   # the configurations, without running them
+    python3 -m common.benchmark --configs modified --nproc 2   # DDP over 2 GPUs of this machine (torchrun)
     python3 -m common.benchmark --measure-lengths --tokenizer DIR/FILE.gguf --data-dir DIR   # rebuild piqa_lengths.json
 
 Each configuration is a `Profile` (baseline.py's and modified.py's own PROFILE, or one derived from them with
@@ -384,7 +385,10 @@ def make_profiler_callback(warmup_steps: int):
             if self.profiler is None:
                 return {}
             events = self.profiler.key_averages()
-            device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+            from torch.autograd import DeviceType
+
+            # Kernel-level events only: operator-level events carry their kernels' time again (counted twice).
+            device_us = sum(e.self_device_time_total or 0 for e in events if e.device_type != DeviceType.CPU)
             runtime = {}
             for e in events:
                 if e.key.startswith(("cuda", "cu")) and e.count:

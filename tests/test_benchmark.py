@@ -121,3 +121,20 @@ def test_synthetic_eval_examples_have_piqa_token_counts():
     ids = tokenizer(f"Question: {example.goal}\nAnswer:")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
     assert len(ids) == 1 + 2 + len(example.goal.split())
+
+
+def test_profiled_row_reports_where_the_time_went(tmp_path):
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
+         "--batch-size", "8", "--dataset-size", "64", "--configs", "baseline", "--profile", "baseline",
+         "--eval-examples", "0", "--json-out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    summary = rows["baseline[profiled]"]["profile_summary"]
+    assert summary["steps"] == 3 and summary["wall_ms_per_step"] > 0
+    assert summary["device_busy_ms_per_step"] == 0  # no GPU: no kernel-level events, and operators not counted
+    assert summary["top_self_cpu_ms_per_step"]
