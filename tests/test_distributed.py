@@ -60,3 +60,26 @@ def test_evaluation_keeps_ranks_in_lockstep(tmp_path):
     assert seen["ids_together"] == seen["ids_alone"]
     flat = [score for pair in seen["together"] for score in pair]
     assert flat == pytest.approx([score for pair in seen["alone"] for score in pair], abs=1e-3)
+
+
+def test_fsdp_sharded_model_evaluates_and_saves_a_loadable_model(tmp_path):
+    """FSDP2 on two CPU processes: evaluation across ranks finishes, the full state dict gathers (on two GPUs this
+    hung before evaluation ran in lock-step), and the saved model loads back and scores as the sharded one did."""
+    from common.data import load_split
+    from common.evaluation import evaluate
+    from common.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fsdp_model"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "fsdp_worker.py"), str(out)],
+        cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    sharded = json.loads((out / "scores.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    alone = evaluate(model, load_tokenizer("smoke"), load_split("validation", None, True)[:20], batch_size=4)
+    assert [r["id"] for r in alone.predictions] == sharded["ids"]
+    flat = [score for pair in sharded["scores"] for score in pair]
+    assert flat == pytest.approx([score for r in alone.predictions for score in r["logprob_sum"]], abs=1e-3)
