@@ -479,14 +479,14 @@ def run_config(
     from common.data import PadToLongest
     from common.distributed import world_size
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import build_training_arguments, liger_kernel_config
+    from common.training import build_training_arguments, compute_device, liger_kernel_config
 
     on_cuda = torch.cuda.is_available()
     ranks = world_size()
     if ranks > 1:
         max_measure_s = math.inf  # every rank must stop at the same step: a count, not a clock
     if on_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(compute_device())
         torch.cuda.reset_peak_memory_stats()
         torch.backends.cuda.enable_cudnn_sdp(config.cudnn_sdpa and config.profile.cudnn_attention)
     started = time.perf_counter()
@@ -787,7 +787,9 @@ def worker(job: str, out: str) -> int:
     except Exception as err:  # noqa: BLE001 - rank 0 reports it as the row's error
         traceback.print_exc()
         result = {"error": f"{type(err).__name__}: {err}"[:2000]}
-    if int(os.environ.get("RANK", "0")) == 0:
+    from common.distributed import is_main_process
+
+    if is_main_process():
         Path(out).write_text(json.dumps(result))
     return 0 if "error" not in result else 1
 

@@ -17,15 +17,20 @@ ROW_FIELDS = {
 }
 
 
+def run_tiny_benchmark(out: Path, *options: str, timeout_s: int = 120) -> subprocess.CompletedProcess:
+    """The benchmark on the smoke model: 1 warm-up and 2 timed steps of 8 examples, rows to `out`."""
+    return subprocess.run(
+        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
+         "--batch-size", "8", "--dataset-size", "64", "--json-out", str(out), *options],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
+    )
+
+
 def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     out = tmp_path / "rows.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
-         "--batch-size", "8", "--dataset-size", "64", "--configs", "modified,evaluation", "--eval-examples", "12",
-         "--eval-batch-sizes", "8", "--json-out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
+    done = run_tiny_benchmark(out, "--configs", "modified,evaluation", "--eval-examples", "12",
+                              "--eval-batch-sizes", "8")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"gpu", "versions"} <= set(report["environment"])
@@ -48,13 +53,7 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
 def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path):
     """--nproc 2: torchrun, two ranks (gloo on CPU), the batch split between them, tokens of both counted."""
     out = tmp_path / "rows.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
-         "--batch-size", "8", "--dataset-size", "64", "--configs", "modified", "--nproc", "2",
-         "--json-out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
-    )
+    done = run_tiny_benchmark(out, "--configs", "modified", "--nproc", "2", timeout_s=180)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())["rows"][0]
     assert "error" not in row, row.get("error")
@@ -125,13 +124,8 @@ def test_synthetic_eval_examples_have_piqa_token_counts():
 
 def test_profiled_row_reports_where_the_time_went(tmp_path):
     out = tmp_path / "rows.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
-         "--batch-size", "8", "--dataset-size", "64", "--configs", "baseline", "--profile", "baseline",
-         "--eval-examples", "0", "--json-out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
+    done = run_tiny_benchmark(out, "--configs", "baseline", "--profile", "baseline", "--eval-examples", "0",
+                              timeout_s=180)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     summary = rows["baseline[profiled]"]["profile_summary"]

@@ -43,15 +43,20 @@ def test_torchrun_two_processes_end_to_end(tmp_path, script):
     assert together["acc_norm_pct"] == pytest.approx(alone["acc_norm_pct"])
 
 
+def torchrun_worker(script: str, out: Path) -> subprocess.CompletedProcess:
+    """tests/<script> on two CPU processes (gloo), writing to `out`."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / script), str(out)],
+        cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )
+
+
 def test_evaluation_keeps_ranks_in_lockstep(tmp_path):
     """FSDP needs every rank in every forward pass. Batches split by the logits budget differ between the
     ranks' shards; evaluation must still run as many passes on each rank, and score as one process does."""
     out = tmp_path / "lockstep.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "lockstep_worker.py"), str(out)],
-        cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
-    )
+    done = torchrun_worker("lockstep_worker.py", out)
     assert done.returncode == 0, done.stderr[-4000:]
     seen = json.loads(out.read_text())
     alone = [r["forward_passes_alone"] for r in seen["ranks"]]
@@ -71,11 +76,7 @@ def test_fsdp_sharded_model_evaluates_and_saves_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "fsdp_model"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "fsdp_worker.py"), str(out)],
-        cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
-    )
+    done = torchrun_worker("fsdp_worker.py", out)
     assert done.returncode == 0, done.stderr[-4000:]
     sharded = json.loads((out / "scores.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
