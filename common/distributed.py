@@ -5,7 +5,6 @@ A plain `python3 baseline.py` is one process and every function here is a no-op 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -64,21 +63,20 @@ def barrier() -> None:
 def evaluate_on_all_ranks(
     model, tokenizer, examples: Sequence[PiqaExample], method: str, **options
 ) -> EvalResult:
-    """Each rank scores every world_size-th example; the records are gathered and merged in input order.
-
-    Shards are padded to equal length (the padding is scored and dropped) and evaluated in lock-step (the same
-    number of forward passes on every rank, see `evaluate`): FSDP needs it. No example is scored twice or lost.
+    """Each rank scores its share of the batches one process would run (`evaluate(..., shard=...)`); the records
+    are gathered and merged in input order. Every example is scored once, in the same batch as in a single-process
+    evaluation, so the scores are the same; the ranks run equal numbers of forward passes (FSDP needs it).
     """
     if not dist.is_initialized() or world_size() == 1:
         return evaluate(model, tokenizer, examples, method=method, **options)
     start_s = time.perf_counter()
-    ranks = world_size()
-    shard_size = math.ceil(len(examples) / ranks)
-    mine = list(range(rank(), len(examples), ranks))
-    padded = mine + [mine[0] if mine else 0] * (shard_size - len(mine))
-    result = evaluate(model, tokenizer, [examples[i] for i in padded], method=method, lockstep=True, **options)
-    shard = list(zip(mine, result.predictions[: len(mine)]))
-    gathered: list = [None] * ranks
-    dist.all_gather_object(gathered, shard)
-    records = [record for _, record in sorted((pair for part in gathered for pair in part), key=lambda p: p[0])]
+    position = {example.id: index for index, example in enumerate(examples)}
+    if len(position) != len(examples):
+        raise ValueError("example ids must be unique: the ranks' records are merged by id")
+    result = evaluate(model, tokenizer, examples, method=method, shard=(rank(), world_size()), **options)
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, result.predictions)
+    records = sorted((record for part in gathered for record in part), key=lambda record: position[record["id"]])
+    if [record["id"] for record in records] != [example.id for example in examples]:
+        raise RuntimeError("the ranks' records do not cover every example exactly once")
     return summarise(method, records, seconds=time.perf_counter() - start_s)

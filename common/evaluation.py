@@ -62,14 +62,14 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    lockstep: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> EvalResult:
     """Accuracy of `model` on `examples` with one method; the model's train/eval mode is restored afterwards.
 
-    `lockstep`: this is one rank's shard, and every rank of the process group must run the same forward passes
-    (an FSDP model all-gathers its parameters in each one): ranks with fewer batches run filler passes, and
-    generation goes on until every rank is done. Without it a rank that finished early would meet the others'
-    next collective (the likely cause of a hang seen on two GPUs when the final model was saved under FSDP).
+    `shard=(rank, ranks)`: score only this rank's share of the batches one process would run (every `ranks`-th,
+    from `rank`), so each example meets exactly the batch and padding of a single-process evaluation; the result
+    holds this rank's examples only. Every rank runs the same number of forward passes (a filler pass where it has
+    a batch fewer; generation goes on until every rank is done): an FSDP model all-gathers its parameters in each.
 
     `model` may be wrapped (DDP, torch.compile) and on any device: inputs go to its input embeddings' device.
     `autocast_dtype` (torch.bfloat16 / torch.float16) runs the forward passes under autocast, for a model the
@@ -88,10 +88,10 @@ def evaluate(
     model.eval()
     try:
         if method == "loglik":
-            result = _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, lockstep)
+            result = _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard)
         else:
             result = _evaluate_generate(
-                model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, lockstep
+                model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, shard
             )
     finally:
         model.train(was_training)
@@ -118,9 +118,10 @@ def score_loglik(
     batch_size: int = DEFAULT_BATCH_SIZE,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
-    lockstep: bool = False,
-) -> list[tuple[float, float]]:
-    """Summed log-probability of ` {sol1}` and ` {sol2}` given `Question: {goal}\\nAnswer:`, per example.
+    shard: tuple[int, int] | None = None,
+) -> list[tuple[float, float] | None]:
+    """Summed log-probability of ` {sol1}` and ` {sol2}` given `Question: {goal}\\nAnswer:`, per example
+    (None for the examples in other ranks' batches, with `shard`: see `evaluate`).
 
     The model must already be in eval mode (`evaluate` sees to that). Both choices of an example share a batch.
     """
@@ -147,10 +148,9 @@ def score_loglik(
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
     vocab_size = inner.get_output_embeddings().weight.shape[0]
-    batches = _batches_within_budget(order, sequences, batch_size, vocab_size, LOGITS_BUDGET_BYTES)
-    # The logits budget splits batches by length, so shards of equal size can still differ in batch count.
-    fillers = _most_batches_of_any_rank(len(batches), device) - len(batches) if lockstep else 0
-    scores = [0.0] * len(sequences)
+    batches, fillers = _share(_batches_within_budget(order, sequences, batch_size, vocab_size, LOGITS_BUDGET_BYTES),
+                              shard)
+    scores: list[float | None] = [None] * len(sequences)
     with torch.inference_mode(), _autocast(device, autocast_dtype):
         for batch in _progress(batches, progress, "loglik"):
             rows = [2 * i + choice for i in batch for choice in (0, 1)]
@@ -161,15 +161,19 @@ def score_loglik(
                 scores[row] = score
         for _ in range(fillers):  # scored and dropped: only the other ranks need this forward pass
             _score_batch(model, sequences[:1], device, _pad_id(tokenizer), takes_logits_to_keep)
-    return [(scores[2 * i], scores[2 * i + 1]) for i in range(len(examples))]
+    return [None if scores[2 * i] is None else (scores[2 * i], scores[2 * i + 1]) for i in range(len(examples))]
 
 
-def _most_batches_of_any_rank(local_batches: int, device: torch.device) -> int:
-    if not dist.is_initialized():
-        return local_batches
-    count = torch.tensor([local_batches], device=device)  # on the model's device: NCCL takes GPU tensors only
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
+def _share(batches: list[list[int]], shard: tuple[int, int] | None) -> tuple[list[list[int]], int]:
+    """This rank's batches (all of them without `shard`), and how many filler passes keep it level with the rank
+    that has the most."""
+    if shard is None:
+        return batches, 0
+    rank, ranks = shard
+    if not 0 <= rank < ranks:
+        raise ValueError(f"shard must be (rank, ranks) with 0 <= rank < ranks, got {shard}")
+    mine = batches[rank::ranks]
+    return mine, math.ceil(len(batches) / ranks) - len(mine)
 
 
 def _batches_within_budget(
@@ -229,10 +233,13 @@ def _score_batch(
     return (token_logprobs * target_mask).sum(dim=-1).tolist()
 
 
-def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, lockstep) -> EvalResult:
-    scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, lockstep)
+def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard) -> EvalResult:
+    scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard)
     records = []
-    for example, (score1, score2) in zip(examples, scores):
+    for example, pair in zip(examples, scores):
+        if pair is None:  # in another rank's batches
+            continue
+        score1, score2 = pair
         # The harness divides by len(choice), the solution without the leading space; np.argmax keeps the first of ties.
         per_char = (_per_char(score1, example.sol1), _per_char(score2, example.sol2))
         prediction = 0 if score1 >= score2 else 1
@@ -276,9 +283,10 @@ def generate_choices(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    lockstep: bool = False,
-) -> list[str]:
-    """Greedy continuation (up to `max_new_tokens`) of each example's `format_choice_prompt`, decoded, in input order."""
+    shard: tuple[int, int] | None = None,
+) -> list[str | None]:
+    """Greedy continuation (up to `max_new_tokens`) of each example's `format_choice_prompt`, decoded, in input order
+    (None for the examples in other ranks' batches, with `shard`: see `evaluate`)."""
     model = unwrap_model(model)
     device = model_device(model)
     prompts = [format_choice_prompt(e.goal, e.sol1, e.sol2) for e in examples]
@@ -290,25 +298,33 @@ def generate_choices(
         max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad_id,
     )  # fmt: skip
     order = sorted(range(len(examples)), key=lambda i: -len(prompt_ids[i]))
-    texts = [""] * len(examples)
+    batches, fillers = _share(list(_chunks(order, batch_size)), shard)
+    synced = shard is not None and dist.is_initialized()  # every rank generates until the last one is done
+
+    def new_tokens(batch: list[int]) -> list[list[int]]:
+        input_ids, attention_mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                synced_gpus=synced)
+        return output[:, input_ids.shape[1] :].tolist()
+
+    texts: list[str | None] = [None] * len(examples)
     with torch.inference_mode(), _autocast(device, autocast_dtype):
-        for batch in _progress(list(_chunks(order, batch_size)), progress, "generate"):
-            input_ids, attention_mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                    synced_gpus=lockstep and dist.is_initialized())
-            new_tokens = output[:, input_ids.shape[1] :].tolist()
-            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+        for batch in _progress(batches, progress, "generate"):
+            for i, text in zip(batch, tokenizer.batch_decode(new_tokens(batch), skip_special_tokens=True)):
                 texts[i] = text
+        for _ in range(fillers):  # generated and dropped: only the other ranks need these passes
+            new_tokens(order[:1])
     return texts
 
 
 def _evaluate_generate(
-    model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, lockstep
+    model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, shard
 ) -> EvalResult:
-    texts = generate_choices(model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, lockstep)
+    texts = generate_choices(model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, shard)
     records = [
         {"id": e.id, "label": e.label, "prediction": parse_choice(text), "generated_text": text}
         for e, text in zip(examples, texts)
+        if text is not None  # None: in another rank's batches
     ]
     return summarise("generate", records)
 
@@ -394,4 +410,5 @@ def _progress(batches: list, enabled: bool, what: str):
 
 
 def _pct(count: int, total: int) -> float:
-    return 100.0 * count / total
+    # No examples happens on a rank whose share of a small set is empty; only the merged result is reported.
+    return 100.0 * count / total if total else math.nan
