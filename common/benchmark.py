@@ -230,8 +230,9 @@ def describe_change(name: str, value: Any) -> str:
     }.get(name, f"{name}={value}")
 
 
-def configurations(batch_size: int = 128) -> list[BenchConfig]:
-    """Reference rows (seed, baseline, modified), the cumulative ablation from baseline to modified, and probes."""
+def configurations(batch_size: int = 128, world_size: int = 1) -> list[BenchConfig]:
+    """Reference rows (seed, baseline, modified), the cumulative ablation from baseline to modified, and probes
+    (with `world_size` > 1, also DDP's own settings)."""
     baseline, modified = load_profiles()
     replace = dataclasses.replace
     configs = [
@@ -281,6 +282,17 @@ def configurations(batch_size: int = 128) -> list[BenchConfig]:
          replace(modified, torch_compile=not modified.torch_compile),
          "modified with torch_compile " + ("off" if modified.torch_compile else "on"), False),
     ]
+    if world_size > 1:  # settings that act only under DDP
+        bucket_mb = 200 if modified.ddp_bucket_cap_mb != 200 else 25
+        probes += [
+            (f"modified+bucket{bucket_mb}", replace(modified, ddp_bucket_cap_mb=bucket_mb),
+             f"modified with DDP's gradients all-reduced in buckets of {bucket_mb} MB", False),
+            ("modified" + ("-static-graph" if modified.ddp_static_graph else "+static-graph"),
+             replace(modified, ddp_static_graph=not modified.ddp_static_graph),
+             f"modified with DDP's static_graph={not modified.ddp_static_graph}", False),
+            ("modified+bf16-allreduce", replace(modified, ddp_comm_hook="bf16"),
+             "modified with DDP's gradients cast to bf16 for the all-reduce (half the bytes)", False),
+        ]
     if modified.cudnn_attention:
         configs.append(BenchConfig(
         "modified[no-cudnn-sdpa]", "diagnostic", replace(modified, name="modified[no-cudnn-sdpa]"), batch_size,
@@ -387,25 +399,35 @@ def make_profiler_callback(warmup_steps: int):
             events = self.profiler.key_averages()
             from torch.autograd import DeviceType
 
-            # Kernel-level events only: operator-level events carry their kernels' time again (counted twice).
-            device_us = sum(e.self_device_time_total or 0 for e in events if e.device_type != DeviceType.CPU)
+            # Kernels only: operators carry their kernels' time again, and record_function regions (the
+            # optimizer step, DDP's forward, the collectives' names) appear on the device timeline too.
+            raw = self.profiler.events()
+            host_names = {e.name for e in raw if e.device_type == DeviceType.CPU}
+            kernel_us: dict[str, float] = {}
+            for e in raw:
+                if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False) \
+                        and e.name not in host_names:
+                    kernel_us[e.name] = kernel_us.get(e.name, 0.0) + e.time_range.elapsed_us()
+            device_us = sum(kernel_us.values())
+            # Collectives (DDP's all-reduce) run on their own stream, overlapping the backward pass's kernels.
+            nccl_us = sum(us for name, us in kernel_us.items() if name.lower().startswith("nccl"))
             runtime = {}
             for e in events:
                 if e.key.startswith(("cuda", "cu")) and e.count:
                     runtime[e.key] = {"count": e.count, "cpu_ms": round(e.cpu_time_total / 1000, 2)}
             top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-            top_device = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0) or 0, reverse=True)[:10]
             return {
                 "steps": steps,
                 "wall_ms_per_step": round(1000 * wall_s / max(1, steps), 1),
                 "device_busy_ms_per_step": round(device_us / 1000 / max(1, steps), 1),
                 "device_busy_pct": round(100 * device_us / 1e6 / wall_s, 1) if wall_s else None,
+                "nccl_kernels_ms_per_step": round(nccl_us / 1000 / max(1, steps), 1),
                 "runtime_calls_per_step": {k: {"count": v["count"] / steps, "cpu_ms": v["cpu_ms"] / steps}
                                            for k, v in sorted(runtime.items(), key=lambda kv: -kv[1]["cpu_ms"])[:12]},
                 "top_self_cpu_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 2) for e in top_cpu},
-                "top_device_ms_per_step": {
-                    e.key[:80]: round((getattr(e, "self_device_time_total", 0) or 0) / 1000 / steps, 2)
-                    for e in top_device
+                "top_kernels_ms_per_step": {
+                    name[:80]: round(us / 1000 / steps, 2)
+                    for name, us in sorted(kernel_us.items(), key=lambda kv: -kv[1])[:10]
                 },
             }
 
@@ -479,7 +501,7 @@ def run_config(
     from common.data import PadToLongest
     from common.distributed import world_size
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import build_training_arguments, compute_device, liger_kernel_config
+    from common.training import build_training_arguments, compute_device, configure_ddp_communication, liger_kernel_config
 
     on_cuda = torch.cuda.is_available()
     ranks = world_size()
@@ -522,6 +544,7 @@ def run_config(
         callbacks.append(profiler_callback)
     trainer = Trainer(model=model, args=training_args, train_dataset=features, data_collator=collator,
                       callbacks=callbacks)
+    configure_ddp_communication(trainer, config.profile)
     output = trainer.train()
     wall_s = time.perf_counter() - started
     peak_allocated = torch.cuda.max_memory_allocated() / GIB if on_cuda else None
@@ -571,8 +594,13 @@ def run_config(
             "torch_compile": training_args.torch_compile,
             "train_sampling_strategy": training_args.train_sampling_strategy,
             "dataloader_pin_memory": training_args.dataloader_pin_memory,
+            "ddp_bucket_cap_mb": training_args.ddp_bucket_cap_mb,
+            "ddp_static_graph": training_args.ddp_static_graph,
+            "ddp_comm_hook": config.profile.ddp_comm_hook,
         },
-        "applied": {"liger_patched_modules": liger_patched, "compiled": compiled, "optimizer": optimizer_class},
+        "applied": {"liger_patched_modules": liger_patched, "compiled": compiled, "optimizer": optimizer_class,
+                    # DDP keeps the hooks it registered (a private list: empty where absent)
+                    "ddp_comm_hooks": [hook.__qualname__ for hook, _ in getattr(trainer.model_wrapped, "_comm_hooks", [])]},
         "model": model_name,
         "parameters": parameters,
         "device": device_name,
@@ -602,7 +630,7 @@ def run_config(
         "final_loss": output.training_loss,
         "config_wall_s": wall_s,
     }
-    if profile_steps:
+    if profile_steps:  # under DDP: rank 0's profile, its kernels on all streams (so busy can pass 100%)
         row["profile_summary"] = profiler_callback.summary(len(step_s), sum(step_s))
     if trainer_counted != sum(real):
         row["warning"] = f"Trainer counted {trainer_counted} non-padding tokens, the collator {sum(real)}"
@@ -926,8 +954,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--nproc must be at least 1")
     if options.nproc > 1 and options.no_fork:
         parser.error("--nproc runs every configuration under torchrun; --no-fork does not apply")
-    if options.nproc > 1 and options.profile:
-        parser.error("--profile runs on one GPU; leave out --nproc")
     if options.measure_lengths:
         if not options.tokenizer or not options.data_dir:
             parser.error("--measure-lengths needs --tokenizer and --data-dir")
@@ -936,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {LENGTHS_PATH}: {result['examples']} examples, {json.dumps(result['summary'])}")
         return 0
 
-    every = configurations(options.batch_size)
+    every = configurations(options.batch_size, options.nproc)
     if options.list:
         for c in every:
             print(f"{c.name:<28} {c.group:<9} batch {c.batch_size:>3} = {c.micro_batch_size} x "

@@ -43,6 +43,10 @@ class Profile:
     train_sampling_strategy: str = "random"  # or "group_by_length"
     pad_to_multiple_of: int | None = None  # pad each batch to a multiple of this many tokens (fewer distinct shapes)
     cudnn_attention: bool = True  # PyTorch's cuDNN kernel for half-precision attention (it plans per shape)
+    # Under DDP only (torchrun with several GPUs); None leaves the Trainer's choice.
+    ddp_bucket_cap_mb: int | None = None  # gradients all-reduced in buckets of this size; PyTorch's default 25
+    ddp_static_graph: bool | None = None  # DDP may rely on the same parameters being used every step
+    ddp_comm_hook: str | None = None  # "bf16": gradients cast to bf16 for the all-reduce (half the bytes, rounded)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "mixed"):
@@ -50,6 +54,8 @@ class Profile:
         unknown = set(self.liger_kernels or ()) - set(LIGER_KERNELS)
         if unknown:
             raise ConfigError(f"Profile.liger_kernels: unknown {sorted(unknown)}; known: {', '.join(LIGER_KERNELS)}")
+        if self.ddp_comm_hook not in (None, "bf16", "fp16"):
+            raise ConfigError(f"Profile.ddp_comm_hook must be None, 'bf16' or 'fp16', got {self.ddp_comm_hook!r}")
 
 
 @dataclass

@@ -103,7 +103,19 @@ def build_training_arguments(args: ExperimentArguments, profile: Profile, run_di
         liger_kernel_config=liger_kernel_config(profile),
         torch_compile=profile.torch_compile,
         train_sampling_strategy=profile.train_sampling_strategy,
+        ddp_bucket_cap_mb=profile.ddp_bucket_cap_mb,
+        ddp_static_graph=profile.ddp_static_graph,
     )
+
+
+def configure_ddp_communication(trainer: Trainer, profile: Profile) -> None:
+    """Register the profile's DDP gradient-compression hook; TrainingArguments has no field for it, so it is set on
+    the accelerator's DDP settings, which are applied when the Trainer wraps the model at the start of train()."""
+    if profile.ddp_comm_hook is None or trainer.accelerator.ddp_handler is None:
+        return
+    from accelerate.utils import DDPCommunicationHookType
+
+    trainer.accelerator.ddp_handler.comm_hook = DDPCommunicationHookType(profile.ddp_comm_hook)
 
 
 def checkpointing_arguments(enabled: bool) -> dict:

@@ -53,10 +53,19 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
 def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path):
     """--nproc 2: torchrun, two ranks (gloo on CPU), the batch split between them, tokens of both counted."""
     out = tmp_path / "rows.json"
-    done = run_tiny_benchmark(out, "--configs", "modified", "--nproc", "2", timeout_s=180)
+    ddp_only = [c for c in benchmark.configurations(8, world_size=2) if c.name not in
+                {c.name for c in benchmark.configurations(8)}]
+    assert {c.name.removeprefix("modified")[1:].rstrip("0123456789") for c in ddp_only} == {"bucket", "static-graph", "bf16-allreduce"}
+    probe = next(c for c in ddp_only if "static-graph" in c.name)  # the bf16 all-reduce needs NCCL
+    done = run_tiny_benchmark(out, "--configs", "modified", "--nproc", "2", "--profile", probe.name, timeout_s=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads(out.read_text())["rows"][0]
-    assert "error" not in row, row.get("error")
+    row, profiled = json.loads(out.read_text())["rows"]
+    assert "error" not in row and "error" not in profiled, (row.get("error"), profiled.get("error"))
+    assert profiled["name"] == probe.name + "[profiled]" and profiled["world_size"] == 2
+    assert profiled["training_arguments"]["ddp_static_graph"] == probe.profile.ddp_static_graph
+    assert row["training_arguments"]["ddp_static_graph"] != probe.profile.ddp_static_graph
+    assert row["applied"]["ddp_comm_hooks"] == []
+    assert profiled["profile_summary"]["nccl_kernels_ms_per_step"] == 0  # gloo on CPU: no NCCL kernels
     assert (row["world_size"], row["engine"], row["micro_batch_size"]) == (2, "DDP", 4)  # 8 = 2 ranks x 4
     assert row["tokens_per_s_per_gpu"] == row["tokens_per_s"] / 2
     # Both ranks' tokens: the Trainer's count (gathered over ranks) equals the sum of both collators'.
