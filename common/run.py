@@ -26,7 +26,15 @@ from common.models import ModelLoadError, check_model_path, count_parameters, lo
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib
-from common.training import PiqaTrainer, autocast_dtype, build_training_arguments, check_visible_gpus, compute_device
+from common.training import (
+    PiqaTrainer,
+    apply_profile_kernels,
+    autocast_dtype,
+    build_training_arguments,
+    check_visible_gpus,
+    compute_device,
+    configure_ddp_communication,
+)
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
 
@@ -66,6 +74,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
         )
         tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
         model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
+        apply_profile_kernels(model, profile)
         disk_estimate = {}
         if not args.eval_only and not resume_from:
             disk_estimate = check_disk(run_dir, count_parameters(model), profile, math.ceil(args.num_train_epochs))
@@ -135,6 +144,9 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
                 trainer.save_model(str(run_dir / "final_model"))
                 if is_main_process():
                     tokenizer.save_pretrained(str(run_dir / "final_model"))
+                # Under FSDP the save all-gathers the weights and only rank 0 waits for each transfer; a rank that
+                # exited now would take its half of the queued transfers with it and leave rank 0 waiting forever.
+                distributed.barrier()
         status = "finished"
     except KeyboardInterrupt as interrupt:
         status = "interrupted"
@@ -188,6 +200,7 @@ def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor,
         eval_autocast_dtype=autocast_dtype(profile),
         on_phase=monitor.set_phase,
     )
+    configure_ddp_communication(trainer, profile)
     tokens_before = _tokens_seen_before(resume_from)  # read now: checkpoint rotation may delete it
     if resume_from:
         print(f"resuming from {resume_from}")

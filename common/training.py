@@ -60,6 +60,17 @@ def liger_kernel_config(profile: Profile) -> dict[str, bool] | None:
     return {kernel: kernel in profile.liger_kernels for kernel in LIGER_KERNELS}
 
 
+def apply_profile_kernels(model: torch.nn.Module, profile: Profile) -> None:
+    """Patch in the profile's Liger kernels now, before any evaluation, so that the zero-shot and fine-tuned
+    evaluations of a run, and an --eval-only run of the same profile, all use the kernels the profile trains with.
+    (The Trainer patches only when it is built, after the zero-shot evaluation; patching again there is harmless.)"""
+    if not (profile.use_liger_kernel and liger_kernel_usable()):
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
+
+    _apply_liger_kernel_to_instance(model=model, **(liger_kernel_config(profile) or {}))
+
+
 def build_training_arguments(args: ExperimentArguments, profile: Profile, run_dir: str) -> TrainingArguments:
     mixed = profile.precision == "mixed"
     half = mixed_precision_dtype() if mixed else None

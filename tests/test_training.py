@@ -49,3 +49,48 @@ def test_liger_kernels_select_liger_kernel_config():
     assert liger_kernel_config(dataclasses.replace(modified.PROFILE, liger_kernels=None)) is None
     with pytest.raises(ConfigError, match="flash"):
         dataclasses.replace(modified.PROFILE, liger_kernels=("flash",))
+
+
+def test_profile_kernels_are_patched_in_before_any_evaluation(monkeypatch):
+    """Liger is patched into the loaded model with the profile's kernel choice (the run calls this before its
+    zero-shot evaluation), and not at all where the profile does not use Liger."""
+    import dataclasses
+    import sys
+    import types
+
+    import baseline
+    import modified
+    from common import training
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda model, **kernels: calls.append((model, kernels))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setattr(training, "liger_kernel_usable", lambda: True)
+    model = torch.nn.Linear(2, 2)
+
+    training.apply_profile_kernels(model, baseline.PROFILE)
+    assert calls == []
+    only_flce = dataclasses.replace(modified.PROFILE, liger_kernels=("fused_linear_cross_entropy",))
+    training.apply_profile_kernels(model, only_flce)
+    assert calls == [(model, training.liger_kernel_config(only_flce))]
+
+
+def test_ddp_comm_hook_is_checked_up_front_and_handed_to_accelerate():
+    import dataclasses
+    import types
+
+    import pytest
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    import modified
+    from common.config import ConfigError
+    from common.training import configure_ddp_communication
+
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(ddp_handler=DistributedDataParallelKwargs()))
+    configure_ddp_communication(trainer, modified.PROFILE)
+    assert trainer.accelerator.ddp_handler.comm_hook == DDPCommunicationHookType.NO
+    configure_ddp_communication(trainer, dataclasses.replace(modified.PROFILE, ddp_comm_hook="bf16"))
+    assert trainer.accelerator.ddp_handler.comm_hook == DDPCommunicationHookType.BF16
+    with pytest.raises(ConfigError, match="ddp_comm_hook"):
+        dataclasses.replace(modified.PROFILE, ddp_comm_hook="powersgd")
