@@ -1,8 +1,8 @@
 """Run by torchrun from test_distributed.py: the model sharded with FSDP2 (fully_shard, as accelerate's FSDP2 does,
 on two CPU processes with gloo), evaluated across ranks, then its full state dict gathered and saved by rank 0.
 
-Every forward pass of a sharded model is a collective, so evaluation must keep the ranks in lock-step; a small
-logits budget gives the two shards different batch counts. Rank 0 saves the model for the test to load back.
+Every forward pass of a sharded model is a collective, so the ranks must run equal numbers of them; a small logits
+budget splits the evaluation into many batches of uneven sizes. Rank 0 saves the model for the test to load back.
 """
 
 import json
@@ -28,7 +28,7 @@ def main(out_dir: str) -> None:
     for layer in model.model.layers:  # the Llama decoder layer as wrap unit, as common/fsdp.yaml asks
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    evaluation.LOGITS_BUDGET_BYTES = 2 * 4 * model.config.vocab_size * 200  # shards of 10: 5 vs 7 batches
+    evaluation.LOGITS_BUDGET_BYTES = 2 * 4 * model.config.vocab_size * 200  # many small batches
 
     examples = load_split("validation", None, True)[:20]
     result = evaluate_on_all_ranks(model, tokenizer, examples, method="loglik", batch_size=4)
