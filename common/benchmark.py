@@ -501,7 +501,12 @@ def run_config(
     from common.data import PadToLongest
     from common.distributed import world_size
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import build_training_arguments, compute_device, configure_ddp_communication, liger_kernel_config
+    from common.training import (
+        build_training_arguments,
+        compute_device,
+        configure_ddp_communication,
+        liger_kernel_config,
+    )
 
     on_cuda = torch.cuda.is_available()
     ranks = world_size()
