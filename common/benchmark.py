@@ -4,6 +4,7 @@
     python3 -m common.benchmark --configs baseline,modified --steps 10
     python3 -m common.benchmark --list                   # the configurations, without running them
     python3 -m common.benchmark --configs modified --nproc 2   # DDP over 2 GPUs of this machine (torchrun)
+    python3 -m common.benchmark --configs modified --nproc 2 --fsdp   # FSDP: accelerate launch with common/fsdp.yaml
     python3 -m common.benchmark --measure-lengths --tokenizer DIR/FILE.gguf --data-dir DIR   # rebuild piqa_lengths.json
 
 Each configuration is a `Profile` (baseline.py's and modified.py's own PROFILE, or one derived from them with
@@ -49,6 +50,7 @@ from common.config import ExperimentArguments, Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS_PATH = Path(__file__).parent / "piqa_lengths.json"
+FSDP_CONFIG = Path(__file__).parent / "fsdp.yaml"  # what users launch FSDP runs with
 DEFAULT_MODEL = "llama-3.2-1b-random"
 H100_BF16_DENSE_PEAK_FLOPS = 989e12  # H100 SXM, bf16 tensor cores, dense (no sparsity)
 PIQA_TRAIN_EXAMPLES = 16_113
@@ -499,7 +501,7 @@ def run_config(
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     from common.data import PadToLongest
-    from common.distributed import world_size
+    from common.distributed import parallel_engine, world_size
     from common.models import count_parameters, load_model, load_tokenizer
     from common.training import (
         build_training_arguments,
@@ -610,7 +612,7 @@ def run_config(
         "parameters": parameters,
         "device": device_name,
         "world_size": ranks,
-        "engine": "DDP" if ranks > 1 else "single process",
+        "engine": parallel_engine(trainer),
         "warmup_steps": warmup_steps,
         "timed_steps": len(step_s),
         "step_ms_median": 1000 * statistics.median(step_s),
@@ -792,14 +794,15 @@ def run_isolated(target, kwargs: dict, timeout_s: float, fork: bool) -> dict[str
         Path(out_path).unlink(missing_ok=True)
 
 
-def run_distributed(target, kwargs: dict, nproc: int, timeout_s: float) -> dict[str, Any]:
-    """`target(**kwargs)` on `nproc` GPUs of this machine: torchrun starts one process per GPU, the Trainer runs
-    DDP, and rank 0's result comes back."""
+def run_distributed(target, kwargs: dict, nproc: int, timeout_s: float, fsdp: bool = False) -> dict[str, Any]:
+    """`target(**kwargs)` on `nproc` GPUs of this machine, one process per GPU, and rank 0's result back.
+    torchrun: the Trainer runs DDP. `fsdp`: accelerate launch with common/fsdp.yaml, as a user runs FSDP."""
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as folder:
         job, out = Path(folder) / "job.pickle", Path(folder) / "row.json"
         job.write_bytes(pickle.dumps((target, kwargs)))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "common.benchmark", "--worker", str(job), str(out)]
+        launcher = (["-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), f"--num_processes={nproc}"]
+                    if fsdp else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
+        command = [sys.executable, *launcher, "-m", "common.benchmark", "--worker", str(job), str(out)]
         process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)  # its own group: killed whole
         try:
             code = process.wait(timeout_s)
@@ -947,6 +950,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1,
                         help="GPUs per configuration: above 1, torchrun runs each one data-parallel (DDP) on that "
                              "many GPUs of this machine, the batch split across them (--batch-size is the total)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="with --nproc: launch with accelerate and common/fsdp.yaml (FSDP, full sharding) "
+                             "instead of torchrun (DDP)")
     parser.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)  # one torchrun rank
     parser.add_argument("--measure-lengths", action="store_true", help="rebuild common/piqa_lengths.json and exit")
     parser.add_argument("--tokenizer", help="with --measure-lengths: a tokenizer directory or .gguf file")
@@ -957,6 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker(*options.worker)
     if options.nproc < 1:
         parser.error("--nproc must be at least 1")
+    if options.fsdp and options.nproc < 2:
+        parser.error("--fsdp shards over several GPUs: give --nproc 2 or more")
     if options.nproc > 1 and options.no_fork:
         parser.error("--nproc runs every configuration under torchrun; --no-fork does not apply")
     if options.measure_lengths:
@@ -999,6 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "model": options.model, "steps": options.steps, "warmup_steps": options.warmup_steps,
             "max_measure_s": options.max_measure_s, "batch_size": options.batch_size, "gpus": options.nproc,
+            "launcher": ("accelerate launch --config_file common/fsdp.yaml" if options.fsdp else "torchrun")
+                        if options.nproc > 1 else None,
             "dataset_size": options.dataset_size, "seed": options.seed,
             "peak_flops": H100_BF16_DENSE_PEAK_FLOPS,
             "mfu": "non-padding tokens/s x 6 x parameters (8 x with gradient checkpointing) / 989 TFLOP/s "
@@ -1030,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
             monitor.set_phase(phase)
             monitor.sample_now()
             if options.nproc > 1 and target is run_config:
-                row = run_distributed(target, kwargs, options.nproc, options.config_timeout_s)
+                row = run_distributed(target, kwargs, options.nproc, options.config_timeout_s, options.fsdp)
             else:
                 row = run_isolated(target, kwargs, options.config_timeout_s, fork=not options.no_fork)
             monitor.sample_now()

@@ -80,3 +80,14 @@ def evaluate_on_all_ranks(
     if [record["id"] for record in records] != [example.id for example in examples]:
         raise RuntimeError("the ranks' records do not cover every example exactly once")
     return summarise(method, records, seconds=time.perf_counter() - start_s)
+
+
+def parallel_engine(trainer) -> str:
+    """How the Trainer actually ran the model, read from its wrapping (accelerate may fall back from FSDP to DDP)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(trainer.model, FSDPModule) or isinstance(trainer.model_wrapped, (FSDPModule, FullyShardedDataParallel)):
+        return "FSDP"
+    if isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel):
+        return "DDP"
+    return "single process"

@@ -234,7 +234,7 @@ def _record_training(metrics: MetricsFile, trainer: PiqaTrainer, truncated: int,
         for e in state.log_history if "eval_accuracy" in e
     ]
     losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
-    engine = "FSDP" if trainer.is_fsdp_enabled else ("DDP" if world_size() > 1 else "single process")
+    engine = distributed.parallel_engine(trainer)
     metrics.update(train={
         "engine": engine,
         "optimizer_steps": state.global_step,

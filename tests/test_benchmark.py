@@ -141,3 +141,17 @@ def test_profiled_row_reports_where_the_time_went(tmp_path):
     assert summary["steps"] == 3 and summary["wall_ms_per_step"] > 0
     assert summary["device_busy_ms_per_step"] == 0  # no GPU: no kernel-level events, and operators not counted
     assert summary["top_self_cpu_ms_per_step"]
+
+
+def test_benchmark_fsdp_launches_with_the_repository_config_and_reports_the_engine_it_saw(tmp_path):
+    """--fsdp: accelerate launch with common/fsdp.yaml. On CPUs accelerate runs DDP instead of FSDP; the row says
+    what ran (read from the model's wrapping), not what was asked for."""
+    out = tmp_path / "rows.json"
+    done = run_tiny_benchmark(out, "--configs", "modified", "--nproc", "2", "--fsdp", timeout_s=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["launcher"] == "accelerate launch --config_file common/fsdp.yaml"
+    (row,) = report["rows"]
+    assert "error" not in row, row.get("error")
+    assert (row["world_size"], row["engine"], row["micro_batch_size"]) == (2, "DDP", 4)
+    assert "--fsdp shards over several GPUs" in run_tiny_benchmark(out, "--fsdp").stderr
