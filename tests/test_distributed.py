@@ -70,8 +70,9 @@ def test_evaluation_split_over_ranks_runs_level_and_scores_as_one_process(tmp_pa
 
 
 def test_fsdp_sharded_model_evaluates_and_saves_a_loadable_model(tmp_path):
-    """FSDP2 on two CPU processes: evaluation across ranks finishes, the full state dict gathers (on two GPUs this
-    hung when ranks ran different numbers of evaluation passes), and the saved model loads back and scores as the sharded one did."""
+    """FSDP2 on two CPU processes: evaluation across ranks finishes (ranks that ran different numbers of evaluation
+    passes would hang here), the full state dict gathers, and the saved model loads back and scores as the sharded
+    one did."""
     from common.data import load_split
     from common.evaluation import evaluate
     from common.models import load_tokenizer
