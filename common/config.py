@@ -1,7 +1,8 @@
 """The experiment's arguments (one dataclass, shared by both scripts) and the Profile each script passes.
 
-Everything that defines the experiment lives in `ExperimentArguments` and is identical in both runs;
-a `Profile` holds only execution settings (precision, checkpoint management, pinned memory, speed).
+`ExperimentArguments` defines the experiment and `EngineArguments` how a step is executed fast; both are
+flags, identical in both runs. A `Profile` holds only what the two scripts compare: precision, checkpoint
+management and pinned memory.
 """
 
 from __future__ import annotations
@@ -21,41 +22,85 @@ class ConfigError(ValueError):
     """An argument the user must fix."""
 
 
-# Liger's kernels for Llama, as apply_liger_kernel_to_llama names them.
-LIGER_KERNELS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy", "cross_entropy")
+PRECISIONS = ("fp32", "mixed")
+SAMPLING_STRATEGIES = ("random", "group_by_length")
+DDP_COMM_HOOKS = ("bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class Profile:
-    """The settings in which baseline.py and modified.py differ, and nothing else."""
+    """The settings in which baseline.py and modified.py differ, and nothing else: precision, checkpoint
+    management (save_total_limit, load_best_model_at_end) and pinned memory."""
 
     name: str
-    precision: str  # "fp32" (TF32 off) or "mixed" (bf16 autocast where supported, else fp16 + GradScaler)
-    save_total_limit: int | None  # None keeps every epoch's checkpoint
-    load_best_model_at_end: bool  # select the best epoch on the selection slice by accuracy
-    pin_memory: bool
-    gradient_checkpointing: bool = True
-    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step; the batch size stays the experiment's
-    optim: str = "adamw_torch"  # a TrainingArguments optimizer name
-    use_liger_kernel: bool = False
-    liger_kernels: tuple[str, ...] | None = None  # with use_liger_kernel: only these (LIGER_KERNELS); None: Liger's defaults
-    torch_compile: bool = False
-    train_sampling_strategy: str = "random"  # or "group_by_length"
-    pad_to_multiple_of: int | None = None  # pad each batch to a multiple of this many tokens (fewer distinct shapes)
-    cudnn_attention: bool = True  # PyTorch's cuDNN kernel for half-precision attention (it plans per shape)
-    # Under DDP only (torchrun with several GPUs); None leaves the Trainer's choice.
-    ddp_bucket_cap_mb: int | None = None  # gradients all-reduced in buckets of this size; PyTorch's default 25
-    ddp_static_graph: bool | None = None  # DDP may rely on the same parameters being used every step
-    ddp_comm_hook: str | None = None  # "bf16": gradients cast to bf16 for the all-reduce (half the bytes, rounded)
+    precision: str  # "fp32" (TF32 off) or "mixed" (bf16 autocast over fp32 weights; fp16 + GradScaler without bf16)
+    save_total_limit: int | None  # checkpoints kept on disk; None keeps every epoch's
+    load_best_model_at_end: bool  # end with the best epoch by selection accuracy (else the last epoch's model)
+    pin_memory: bool  # page-locked host memory for the data loader's batches
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "mixed"):
+        if self.precision not in PRECISIONS:
             raise ConfigError(f"Profile.precision must be 'fp32' or 'mixed', got {self.precision!r}")
-        unknown = set(self.liger_kernels or ()) - set(LIGER_KERNELS)
-        if unknown:
-            raise ConfigError(f"Profile.liger_kernels: unknown {sorted(unknown)}; known: {', '.join(LIGER_KERNELS)}")
-        if self.ddp_comm_hook not in (None, "bf16", "fp16"):
-            raise ConfigError(f"Profile.ddp_comm_hook must be None, 'bf16' or 'fp16', got {self.ddp_comm_hook!r}")
+
+
+@dataclass
+class EngineArguments:
+    """How a training step is executed, shared by both scripts: each setting a flag, the same in both runs.
+
+    The defaults are the fastest the benchmark measured for both profiles on one 80 GB GPU
+    (docs/benchmarks.md); change them to fit a smaller card or to switch a kernel off.
+    """
+
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per optimizer step: each is --batch-size / (this x GPUs) examples. "
+                  "The experiment is unchanged; a larger value needs less GPU memory and runs slower."},
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass (less memory, ~1/3 more compute)."}
+    )
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata={"help": "The Trainer's optimizer implementation (AdamW arithmetic in every adamw_torch* choice)."},
+    )
+    liger: bool = field(
+        default=True,
+        metadata={"help": "Liger's Triton kernels (fused linear + cross-entropy that never holds the 128k-vocabulary "
+                  "logits, RMSNorm, SwiGLU, RoPE); CUDA GPUs only, off elsewhere. --no-liger turns them off."},
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "'group_by_length': batches of similar length (little padding); 'random': plain shuffling."},
+    )
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "PyTorch's cuDNN kernel for half-precision attention; it plans anew for every sequence "
+                  "length, so it is slow on per-batch padding (off by default)."},
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile."})
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch to a multiple of this many tokens (fewer distinct shapes)."}
+    )
+    ddp_bucket_cap_mb: int | None = field(
+        default=None, metadata={"help": "Under DDP: all-reduce gradients in buckets of this many MB (PyTorch: 25)."}
+    )
+    ddp_static_graph: bool | None = field(
+        default=None, metadata={"help": "Under DDP: the same parameters are used in every step."}
+    )
+    ddp_comm_hook: str | None = field(
+        default=None, metadata={"help": "Under DDP: 'bf16' or 'fp16' casts gradients for the all-reduce (half the bytes)."}
+    )
+
+    def validate(self) -> None:
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"--gradient-accumulation-steps must be at least 1, got {self.gradient_accumulation_steps}")
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            raise ConfigError(f"--train-sampling-strategy must be one of {', '.join(SAMPLING_STRATEGIES)}, "
+                              f"got {self.train_sampling_strategy!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ConfigError(f"--pad-to-multiple-of must be at least 1, got {self.pad_to_multiple_of}")
+        if self.ddp_comm_hook not in (None, *DDP_COMM_HOOKS):
+            raise ConfigError(f"--ddp-comm-hook must be one of {', '.join(DDP_COMM_HOOKS)}, got {self.ddp_comm_hook!r}")
 
 
 @dataclass
@@ -92,8 +137,8 @@ class ExperimentArguments:
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run all epochs)."})
     batch_size: int = field(
         default=128,
-        metadata={"help": "Examples per optimizer step, over all GPUs; each profile splits it into micro-batches "
-                  "(micro-batch = batch / (gradient accumulation x GPUs))."},
+        metadata={"help": "Examples per optimizer step, over all GPUs, split into micro-batches of "
+                  "batch / (--gradient-accumulation-steps x GPUs)."},
     )
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (AdamW)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
@@ -128,13 +173,13 @@ class ExperimentArguments:
         except ValueError:
             raise ConfigError(f"--eval-samples must be a positive integer or 'all', got {self.eval_samples!r}") from None
 
-    def micro_batch_size(self, profile: Profile, world_size: int = 1) -> int:
-        """Examples per device per forward pass, so that every profile trains on the same batch."""
-        per_step = profile.gradient_accumulation_steps * world_size
+    def micro_batch_size(self, engine: EngineArguments, world_size: int = 1) -> int:
+        """Examples per device per forward pass; the batch per optimizer step stays --batch-size."""
+        per_step = engine.gradient_accumulation_steps * world_size
         if self.batch_size % per_step:
             raise ConfigError(
                 f"--batch-size {self.batch_size} is not divisible by gradient accumulation "
-                f"{profile.gradient_accumulation_steps} x {world_size} GPU(s)"
+                f"{engine.gradient_accumulation_steps} x {world_size} GPU(s)"
             )
         return self.batch_size // per_step
 
@@ -190,10 +235,10 @@ def redact(config: dict) -> dict:
     return {k: ("<redacted>" if any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()}
 
 
-def parse_arguments(argv: list[str] | None = None) -> ExperimentArguments:
+def parse_arguments(argv: list[str] | None = None) -> tuple[ExperimentArguments, EngineArguments]:
     """Command line, or a single JSON file (`python3 baseline.py config.json`), as HF's run_clm.py does."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(ExperimentArguments)
+    parser = HfArgumentParser((ExperimentArguments, EngineArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
         path = Path(argv[0])
         if not path.is_file():
@@ -202,16 +247,17 @@ def parse_arguments(argv: list[str] | None = None) -> ExperimentArguments:
             values = json.loads(path.read_text())
             if values.get("smoke"):
                 values = {**SMOKE_DEFAULTS, **values}
-            (args,) = parser.parse_dict(values, allow_extra_keys=False)
+            args, engine = parser.parse_dict(values, allow_extra_keys=False)
         except (json.JSONDecodeError, ValueError) as err:
             raise ConfigError(f"{path}: {err}") from None
     else:
         if "--smoke" in argv:
             parser.set_defaults(**SMOKE_DEFAULTS)
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        args, engine = parser.parse_args_into_dataclasses(args=argv)
     args.validate()
-    return args
+    engine.validate()
+    return args, engine
 
 
-def resolved_config(args: ExperimentArguments, profile: Profile) -> dict:
-    return {"experiment": redact(asdict(args)), "profile": asdict(profile)}
+def resolved_config(args: ExperimentArguments, engine: EngineArguments, profile: Profile) -> dict:
+    return {"experiment": redact(asdict(args)), "engine": asdict(engine), "profile": asdict(profile)}

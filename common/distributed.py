@@ -82,7 +82,7 @@ def evaluate_on_all_ranks(
     return summarise(method, records, seconds=time.perf_counter() - start_s)
 
 
-def parallel_engine(trainer) -> str:
+def parallelism(trainer) -> str:
     """How the Trainer actually ran the model, read from its wrapping (accelerate may fall back from FSDP to DDP)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 

@@ -15,8 +15,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from common import distributed
 from common.config import ConfigError, Profile, parse_arguments, resolved_config
 from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
@@ -28,12 +26,13 @@ from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib
 from common.training import (
     PiqaTrainer,
-    apply_profile_kernels,
+    apply_engine_to_model,
     autocast_dtype,
     build_training_arguments,
     check_visible_gpus,
     compute_device,
     configure_ddp_communication,
+    usable_engine,
 )
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
@@ -56,9 +55,13 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     if note := one_gpu_unless_distributed():
         print(note)
     try:
-        args = parse_arguments(argv)
+        args, engine = parse_arguments(argv)
         distributed.init()
-        args.micro_batch_size(profile, world_size())
+        args.micro_batch_size(engine, world_size())
+        engine, engine_notes = usable_engine(engine)
+        if is_main_process():
+            for note in engine_notes:
+                print(f"note: {note}")
         check_visible_gpus(user_visible_gpus)
         run_dir = Path(args.output_dir or f"runs/{profile.name}")
         resume_from = check_run_dir(run_dir, args.overwrite, args.resume)
@@ -74,16 +77,18 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
         )
         tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
         model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
-        apply_profile_kernels(model, profile)
+        apply_engine_to_model(model, engine)
         disk_estimate = {}
         if not args.eval_only and not resume_from:
-            disk_estimate = check_disk(run_dir, count_parameters(model), profile, math.ceil(args.num_train_epochs))
+            disk_estimate = check_disk(
+                run_dir, count_parameters(model), profile, engine.optim, math.ceil(args.num_train_epochs)
+            )
         distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
         if is_main_process():
             if args.overwrite:
                 clear_run_dir(run_dir)  # only now that every input has been checked
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(resolved_config(args, profile), indent=2) + "\n")
+            (run_dir / "config.json").write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
         distributed.barrier()
     except USER_ERRORS as err:
         if is_main_process():
@@ -92,18 +97,20 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted while setting up: nothing was written", file=sys.stderr)
         return 130
-    return _run_experiment(args, profile, run_dir, data, model, tokenizer, resume_from, disk_estimate)
+    return _run_experiment(args, engine, profile, run_dir, data, model, tokenizer, resume_from, disk_estimate)
 
 
-def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from, disk_estimate) -> int:
+def _run_experiment(
+    args, engine, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from, disk_estimate
+) -> int:
     status = "failed"  # until the run ends normally or is interrupted
-    torch.backends.cuda.enable_cudnn_sdp(profile.cudnn_attention)
     started_s = time.perf_counter()
     metrics = MetricsFile(
         run_dir / "metrics.json",
         {
             "profile": profile.name,
             "settings": asdict(profile),
+            "engine": asdict(engine),
             "model": args.model,
             "parameters": count_parameters(model),
             "environment": environment(),
@@ -128,7 +135,9 @@ def _run_experiment(args, profile, run_dir, data: ExperimentData, model, tokeniz
             if not args.eval_only:
                 monitor.set_phase("train")
                 with torch_peak_memory("train", torch_peaks):
-                    trainer = _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics)
+                    trainer = _train(
+                        args, engine, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics
+                    )
                 torch_peaks["train"] = trainer.peaks.training_peaks(torch_peaks["train"])
                 if torch_peaks["train"].get("max_allocated_mib") is not None:
                     torch_peaks["select"] = trainer.peaks.select
@@ -185,22 +194,22 @@ def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase
     return results
 
 
-def _train(args, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics) -> PiqaTrainer:
+def _train(args, engine, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics) -> PiqaTrainer:
     features, truncated = tokenize_examples(data.train, tokenizer, args.max_length)
     if truncated:
         print(f"note: --max-length {args.max_length} cut {truncated} of {len(features)} training examples")
     trainer = PiqaTrainer(
         model=model,
-        args=build_training_arguments(args, profile, str(run_dir)),
+        args=build_training_arguments(args, engine, profile, str(run_dir)),
         train_dataset=features,  # a list of dicts: datasets is needed only to read PIQA from the Hub
-        data_collator=PadToLongest(tokenizer.pad_token_id, profile.pad_to_multiple_of),
+        data_collator=PadToLongest(tokenizer.pad_token_id, engine.pad_to_multiple_of),
         processing_class=tokenizer,
         eval_dataset=data.selection,
         eval_batch_size=args.eval_batch_size,
         eval_autocast_dtype=autocast_dtype(profile),
         on_phase=monitor.set_phase,
     )
-    configure_ddp_communication(trainer, profile)
+    configure_ddp_communication(trainer, engine)
     tokens_before = _tokens_seen_before(resume_from)  # read now: checkpoint rotation may delete it
     if resume_from:
         print(f"resuming from {resume_from}")
@@ -234,9 +243,8 @@ def _record_training(metrics: MetricsFile, trainer: PiqaTrainer, truncated: int,
         for e in state.log_history if "eval_accuracy" in e
     ]
     losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
-    engine = distributed.parallel_engine(trainer)
     metrics.update(train={
-        "engine": engine,
+        "parallelism": distributed.parallelism(trainer),
         "optimizer_steps": state.global_step,
         "non_padding_tokens": state.num_input_tokens_seen,
         "truncated_examples": truncated,

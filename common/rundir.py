@@ -77,9 +77,9 @@ def checkpoints_kept(profile: Profile, epochs: int) -> int:
     return min(epochs, profile.save_total_limit + (1 if profile.load_best_model_at_end else 0))
 
 
-def check_disk(run_dir: Path, parameter_count: int, profile: Profile, epochs: int) -> dict:
+def check_disk(run_dir: Path, parameter_count: int, profile: Profile, optim: str, epochs: int) -> dict:
     """Refuse before training when the file system cannot hold the checkpoints and the final model."""
-    need_bytes = checkpoint_bytes(parameter_count, profile.optim) * checkpoints_kept(profile, epochs)
+    need_bytes = checkpoint_bytes(parameter_count, optim) * checkpoints_kept(profile, epochs)
     need_bytes += parameter_count * 4  # the final model
     probe = run_dir
     while not probe.exists():

@@ -1,17 +1,17 @@
-"""TrainingArguments from the experiment and a Profile; a Trainer whose evaluation is PIQA accuracy."""
+"""The experiment, the engine and a Profile as TrainingArguments and torch switches; a Trainer whose evaluation is
+PIQA accuracy."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
-import warnings
 from collections.abc import Callable
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from common.config import LIGER_KERNELS, ConfigError, ExperimentArguments, Profile
+from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
 from common.distributed import evaluate_on_all_ranks, world_size
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
@@ -43,46 +43,50 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def liger_kernel_usable() -> bool:
-    """Liger's Triton kernels need a CUDA GPU and the liger-kernel package; elsewhere a profile runs without them."""
-    if not torch.cuda.is_available():
-        return False
-    if importlib.util.find_spec("liger_kernel") is None:
-        warnings.warn("use_liger_kernel: liger-kernel is not installed (pip install liger-kernel); running without it")
-        return False
-    return True
+def usable_engine(engine: EngineArguments) -> tuple[EngineArguments, list[str]]:
+    """The engine as it can run here, and a note for each setting this hardware turns off (said once, in the log).
+    Liger's kernels are Triton code: they need a CUDA GPU and the liger-kernel package."""
+    notes = []
+    if engine.liger and not torch.cuda.is_available():
+        notes.append("Liger kernels are off: they need a CUDA GPU (Triton); the run uses PyTorch's kernels")
+    elif engine.liger and importlib.util.find_spec("liger_kernel") is None:
+        notes.append("Liger kernels are off: liger-kernel is not installed (pip install liger-kernel)")
+    if notes:
+        engine = dataclasses.replace(engine, liger=False)
+    return engine, notes
 
 
-def liger_kernel_config(profile: Profile) -> dict[str, bool] | None:
-    """Profile.liger_kernels as the Trainer's liger_kernel_config: the named kernels on, the others off."""
-    if profile.liger_kernels is None:
-        return None
-    return {kernel: kernel in profile.liger_kernels for kernel in LIGER_KERNELS}
+def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments) -> None:
+    """The engine's torch switches and kernels, set once before the first evaluation, so that the zero-shot and
+    fine-tuned evaluations (and an --eval-only run) use what training uses. `engine` must come from usable_engine.
+    (The Trainer patches Liger in again when it is built; patching twice is harmless.)"""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(engine.cudnn_attention)
+    if engine.liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
+
+        _apply_liger_kernel_to_instance(model=model)
 
 
-def apply_profile_kernels(model: torch.nn.Module, profile: Profile) -> None:
-    """Patch in the profile's Liger kernels now, before any evaluation, so that the zero-shot and fine-tuned
-    evaluations of a run, and an --eval-only run of the same profile, all use the kernels the profile trains with.
-    (The Trainer patches only when it is built, after the zero-shot evaluation; patching again there is harmless.)"""
-    if not (profile.use_liger_kernel and liger_kernel_usable()):
-        return
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
-
-    _apply_liger_kernel_to_instance(model=model, **(liger_kernel_config(profile) or {}))
+def build_training_arguments(
+    args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: str
+) -> TrainingArguments:
+    return TrainingArguments(**training_argument_values(args, engine, profile, run_dir, torch.cuda.is_available()))
 
 
-def build_training_arguments(args: ExperimentArguments, profile: Profile, run_dir: str) -> TrainingArguments:
-    mixed = profile.precision == "mixed"
-    half = mixed_precision_dtype() if mixed else None
-    on_cuda = torch.cuda.is_available()
-    return TrainingArguments(
+def training_argument_values(
+    args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: str, on_cuda: bool
+) -> dict:
+    """The one place where the experiment, the engine and the profile become TrainingArguments' values."""
+    half = autocast_dtype(profile)
+    return dict(
         output_dir=run_dir,
-        # The experiment: identical in both profiles.
+        # The experiment: identical in both runs.
         seed=args.seed,
         data_seed=args.seed,
         num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps,
-        per_device_train_batch_size=args.micro_batch_size(profile, world_size()),
+        per_device_train_batch_size=args.micro_batch_size(engine, world_size()),
         per_device_eval_batch_size=args.eval_batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type,
@@ -97,36 +101,36 @@ def build_training_arguments(args: ExperimentArguments, profile: Profile, run_di
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         disable_tqdm=False,
-        # The profile: how the experiment is executed.
-        bf16=mixed and half == torch.bfloat16,
-        fp16=mixed and half == torch.float16,
-        tf32=False if on_cuda and not mixed else None,  # "standard" fp32: no TF32 matmuls in baseline
-        **checkpointing_arguments(profile.gradient_checkpointing),
+        use_cpu=not on_cuda,
+        # The engine: how a step is executed, identical in both runs.
+        gradient_accumulation_steps=engine.gradient_accumulation_steps,
+        **checkpointing_arguments(engine.gradient_checkpointing),
+        optim=engine.optim,
+        use_liger_kernel=engine.liger,
+        torch_compile=engine.torch_compile,
+        train_sampling_strategy=engine.train_sampling_strategy,
+        ddp_bucket_cap_mb=engine.ddp_bucket_cap_mb,
+        ddp_static_graph=engine.ddp_static_graph,
+        # The profile: what the two scripts compare.
+        bf16=half == torch.bfloat16,
+        fp16=half == torch.float16,
+        tf32=False if on_cuda and half is None else None,  # "standard" fp32: no TF32 matmuls in baseline
         save_total_limit=profile.save_total_limit,
         load_best_model_at_end=profile.load_best_model_at_end,
         metric_for_best_model=SELECTION_METRIC if profile.load_best_model_at_end else None,
         greater_is_better=True if profile.load_best_model_at_end else None,
         dataloader_pin_memory=profile.pin_memory and on_cuda,
-        use_cpu=not on_cuda,
-        gradient_accumulation_steps=profile.gradient_accumulation_steps,
-        optim=profile.optim,
-        use_liger_kernel=profile.use_liger_kernel and liger_kernel_usable(),
-        liger_kernel_config=liger_kernel_config(profile),
-        torch_compile=profile.torch_compile,
-        train_sampling_strategy=profile.train_sampling_strategy,
-        ddp_bucket_cap_mb=profile.ddp_bucket_cap_mb,
-        ddp_static_graph=profile.ddp_static_graph,
     )
 
 
-def configure_ddp_communication(trainer: Trainer, profile: Profile) -> None:
-    """Register the profile's DDP gradient-compression hook; TrainingArguments has no field for it, so it is set on
+def configure_ddp_communication(trainer: Trainer, engine: EngineArguments) -> None:
+    """Register the engine's DDP gradient-compression hook; TrainingArguments has no field for it, so it is set on
     the accelerator's DDP settings, which are applied when the Trainer wraps the model at the start of train()."""
-    if profile.ddp_comm_hook is None or trainer.accelerator.ddp_handler is None:
+    if engine.ddp_comm_hook is None or trainer.accelerator.ddp_handler is None:
         return
     from accelerate.utils import DDPCommunicationHookType
 
-    trainer.accelerator.ddp_handler.comm_hook = DDPCommunicationHookType(profile.ddp_comm_hook)
+    trainer.accelerator.ddp_handler.comm_hook = DDPCommunicationHookType(engine.ddp_comm_hook)
 
 
 def checkpointing_arguments(enabled: bool) -> dict:

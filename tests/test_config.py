@@ -10,56 +10,86 @@ import pytest
 
 import baseline
 import modified
-from common.config import ConfigError, ExperimentArguments, Profile, parse_arguments, redact
-from common.training import build_training_arguments
+import torch
+
+from common import profiles
+from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, redact
+from common.training import autocast_dtype, build_training_arguments, training_argument_values
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_scripts_differ_only_in_their_profile():
-    def body(name: str) -> list[str]:
-        lines = (ROOT / name).read_text().splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith("PROFILE = Profile("))
-        end = next(i for i in range(start, len(lines)) if lines[i] == ")")
-        return lines[:start] + lines[end + 1:]
+def test_scripts_differ_only_in_their_docstring_and_the_profile_they_name():
+    """`diff baseline.py modified.py`: the docstrings, and the one line that names the script's profile."""
+    import difflib
 
-    def code(lines: list[str]) -> list[str]:
-        docstring_end = next(i for i, line in enumerate(lines) if i > 0 and line.strip() == '"""')
-        return lines[docstring_end + 1:]
-
-    assert code(body("baseline.py")) == code(body("modified.py"))
-
-
-def test_profiles_hold_the_settings_the_issue_names():
-    assert baseline.PROFILE.precision == "fp32"
-    assert baseline.PROFILE.save_total_limit is None
-    assert not baseline.PROFILE.load_best_model_at_end
-    assert not baseline.PROFILE.pin_memory
-    assert baseline.PROFILE.gradient_accumulation_steps == 4 and baseline.PROFILE.gradient_checkpointing
-    assert modified.PROFILE.precision == "mixed"
-    assert modified.PROFILE.save_total_limit == 1
-    assert modified.PROFILE.load_best_model_at_end
-    assert modified.PROFILE.pin_memory
+    differing = [
+        line[1:].strip() for line in difflib.unified_diff(
+            (ROOT / "baseline.py").read_text().splitlines(), (ROOT / "modified.py").read_text().splitlines(),
+            lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    docstring = [line for line in differing if line.startswith(('"""', "python3 "))]
+    code = [line.split("#")[0].strip() for line in differing if line not in docstring]
+    assert sorted(code) == ["from common.profiles import BASELINE as PROFILE",
+                            "from common.profiles import MODIFIED as PROFILE"]
+    assert baseline.PROFILE is profiles.BASELINE and modified.PROFILE is profiles.MODIFIED
 
 
-def test_experiment_is_identical_in_both_training_arguments(tmp_path):
-    args = parse_arguments(["--smoke"])
-    a = build_training_arguments(args, baseline.PROFILE, str(tmp_path))
-    b = build_training_arguments(args, modified.PROFILE, str(tmp_path))
-    for name in ("seed", "data_seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
-                 "weight_decay", "eval_strategy", "save_strategy"):
-        assert getattr(a, name) == getattr(b, name), name
-    examples_per_step = lambda t: t.per_device_train_batch_size * t.gradient_accumulation_steps  # noqa: E731
-    assert examples_per_step(a) == examples_per_step(b) == args.batch_size
-    assert not a.bf16 and not a.fp16 and b.bf16
-    assert a.save_total_limit is None and b.save_total_limit == 1
-    assert not a.load_best_model_at_end and b.load_best_model_at_end and b.metric_for_best_model == "accuracy"
+def test_the_profiles_differ_in_precision_checkpoint_management_and_pinned_memory_only():
+    assert {f.name for f in dataclasses.fields(Profile)} == {
+        "name", "precision", "save_total_limit", "load_best_model_at_end", "pin_memory"}
+    assert (profiles.BASELINE.precision, profiles.MODIFIED.precision) == ("fp32", "mixed")
+    assert (profiles.BASELINE.save_total_limit, profiles.MODIFIED.save_total_limit) == (None, 1)
+    assert (profiles.BASELINE.load_best_model_at_end, profiles.MODIFIED.load_best_model_at_end) == (False, True)
+    assert (profiles.BASELINE.pin_memory, profiles.MODIFIED.pin_memory) == (False, True)
+
+
+def test_engine_settings_are_flags_shared_by_both_scripts(tmp_path):
+    """Every engine setting reaches the TrainingArguments of both profiles identically; only the profile's differ."""
+    args, engine = parse_arguments(["--smoke", "--gradient-accumulation-steps", "4", "--no-liger",
+                                    "--optim", "adamw_torch", "--train-sampling-strategy", "random"])
+    assert (engine.gradient_accumulation_steps, engine.liger, engine.optim) == (4, False, "adamw_torch")
+    a = build_training_arguments(args, engine, profiles.BASELINE, str(tmp_path))
+    b = build_training_arguments(args, engine, profiles.MODIFIED, str(tmp_path))
+    profile_fields = {"bf16", "fp16", "tf32", "save_total_limit", "load_best_model_at_end", "metric_for_best_model",
+                      "greater_is_better", "dataloader_pin_memory"}
+    differing = {f.name for f in dataclasses.fields(a) if f.name not in profile_fields
+                 and repr(getattr(a, f.name)) != repr(getattr(b, f.name))}
+    assert differing <= {"logging_dir"}, differing  # a timestamped folder name
+    examples_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps
+    assert (a.gradient_accumulation_steps, examples_per_step) == (4, args.batch_size)
+    assert str(getattr(a.optim, "value", a.optim)) == "adamw_torch" and a.train_sampling_strategy == "random"
+    assert not a.use_liger_kernel
+
+
+def test_engine_defaults_are_one_micro_batch_grouped_liger_and_fused_adamw():
+    engine = EngineArguments()
+    assert engine.gradient_accumulation_steps == 1 and engine.gradient_checkpointing
+    assert engine.optim == "adamw_torch_fused" and engine.liger
+    assert engine.train_sampling_strategy == "group_by_length" and not engine.cudnn_attention
+
+
+def test_precision_and_pinned_memory_reach_the_training_arguments(tmp_path):
+    """From each script's profile to what the Trainer and torch are given."""
+    args, engine = parse_arguments(["--smoke"])
+    fp32 = build_training_arguments(args, engine, baseline.PROFILE, str(tmp_path))
+    mixed = build_training_arguments(args, engine, modified.PROFILE, str(tmp_path))
+    assert not fp32.bf16 and not fp32.fp16 and mixed.bf16 and not mixed.fp16  # bf16 autocast on the CPU
+    assert autocast_dtype(baseline.PROFILE) is None and autocast_dtype(modified.PROFILE) == torch.bfloat16
+    assert not fp32.dataloader_pin_memory and not mixed.dataloader_pin_memory  # pinning needs CUDA
+    on_gpu = [training_argument_values(args, engine, p, str(tmp_path), on_cuda=True) for p in (baseline.PROFILE,
+                                                                                               modified.PROFILE)]
+    assert [v["dataloader_pin_memory"] for v in on_gpu] == [False, True]
+    assert [v["tf32"] for v in on_gpu] == [False, None]  # fp32 means no TF32 matmuls; mixed leaves torch's default
+    assert fp32.save_total_limit is None and mixed.save_total_limit == 1
+    assert not fp32.load_best_model_at_end and mixed.load_best_model_at_end and mixed.metric_for_best_model == "accuracy"
 
 
 def test_help_documents_every_argument():
     out = subprocess.run([sys.executable, "baseline.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
-    for field in dataclasses.fields(ExperimentArguments):
+    for field in dataclasses.fields(ExperimentArguments) + dataclasses.fields(EngineArguments):
         assert f"--{field.name}" in out.stdout
         assert field.metadata.get("help"), f"{field.name} has no help text"
 
@@ -67,12 +97,12 @@ def test_help_documents_every_argument():
 def test_json_config_file_is_accepted(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"smoke": True, "seed": 7, "eval_samples": "all"}))
-    args = parse_arguments([str(path)])
+    args, _ = parse_arguments([str(path)])
     assert args.seed == 7 and args.eval_samples == "all" and args.model == "smoke"
 
 
 def test_smoke_defaults_yield_to_the_command_line():
-    args = parse_arguments(["--smoke", "--learning-rate", "0.01"])
+    args, _ = parse_arguments(["--smoke", "--learning-rate", "0.01"])
     assert args.learning_rate == 0.01 and args.model == "smoke"
 
 
@@ -86,6 +116,9 @@ def test_smoke_defaults_yield_to_the_command_line():
         (["--eval-samples", "some"], "--eval-samples must be a positive integer or 'all'"),
         (["--eval-method", "vibes"], "--eval-method must be one of"),
         (["--resume", "--overwrite"], "contradict"),
+        (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps must be at least 1"),
+        (["--train-sampling-strategy", "sorted"], "--train-sampling-strategy must be one of"),
+        (["--ddp-comm-hook", "powersgd"], "--ddp-comm-hook must be one of"),
     ],
 )
 def test_out_of_range_arguments_are_refused(argv, message):
@@ -94,9 +127,9 @@ def test_out_of_range_arguments_are_refused(argv, message):
 
 
 def test_batch_must_split_into_micro_batches():
-    args = parse_arguments(["--smoke", "--batch-size", "6"])
+    args, _ = parse_arguments(["--smoke", "--batch-size", "6"])
     with pytest.raises(ConfigError, match="not divisible"):
-        args.micro_batch_size(Profile("x", "fp32", None, False, False, gradient_accumulation_steps=4))
+        args.micro_batch_size(EngineArguments(gradient_accumulation_steps=4))
 
 
 def test_secrets_are_redacted():

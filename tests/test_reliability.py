@@ -178,8 +178,9 @@ def test_cuda_visible_devices_naming_no_gpu_is_refused(tmp_path):
 def test_disk_guard_refuses_before_training(tmp_path):
     profile = Profile("keep-all", "fp32", None, False, False)
     with pytest.raises(RunDirError, match="checkpoints need about"):
-        check_disk(tmp_path / "run", parameter_count=10**15, profile=profile, epochs=3)
-    estimate = check_disk(tmp_path / "run", parameter_count=1_235_814_400, profile=profile, epochs=1)
+        check_disk(tmp_path / "run", parameter_count=10**15, profile=profile, optim="adamw_torch_fused", epochs=3)
+    estimate = check_disk(tmp_path / "run", parameter_count=1_235_814_400, profile=profile, optim="adamw_torch_fused",
+                          epochs=1)
     assert 13 < estimate["estimated_checkpoint_disk_gib"] < 20  # fp32 weights + AdamW state + final model
 
 

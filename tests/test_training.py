@@ -33,64 +33,43 @@ def test_without_cuda_training_peaks_pass_through():
     assert SelectionPeaks().training_peaks(none) == none
 
 
-def test_liger_kernels_select_liger_kernel_config():
-    import dataclasses
-
-    import pytest
-
-    import modified
-    from common.config import LIGER_KERNELS, ConfigError
-    from common.training import liger_kernel_config
-
-    only_flce = dataclasses.replace(modified.PROFILE, liger_kernels=("fused_linear_cross_entropy",))
-    config = liger_kernel_config(only_flce)
-    assert set(config) == set(LIGER_KERNELS)
-    assert [k for k, on in config.items() if on] == ["fused_linear_cross_entropy"]
-    assert liger_kernel_config(dataclasses.replace(modified.PROFILE, liger_kernels=None)) is None
-    with pytest.raises(ConfigError, match="flash"):
-        dataclasses.replace(modified.PROFILE, liger_kernels=("flash",))
-
-
-def test_profile_kernels_are_patched_in_before_any_evaluation(monkeypatch):
-    """Liger is patched into the loaded model with the profile's kernel choice (the run calls this before its
-    zero-shot evaluation), and not at all where the profile does not use Liger."""
+def test_engine_kernels_are_patched_in_before_any_evaluation(monkeypatch):
+    """Liger is patched into the loaded model (the run does it before its zero-shot evaluation) and not at all where
+    the engine does not use it; without CUDA the engine turns Liger off and says so once."""
     import dataclasses
     import sys
     import types
 
-    import baseline
-    import modified
     from common import training
+    from common.config import EngineArguments
 
     calls = []
     fake = types.ModuleType("liger_kernel.transformers")
-    fake._apply_liger_kernel_to_instance = lambda model, **kernels: calls.append((model, kernels))
+    fake._apply_liger_kernel_to_instance = lambda model, **kernels: calls.append(model)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    monkeypatch.setattr(training, "liger_kernel_usable", lambda: True)
     model = torch.nn.Linear(2, 2)
 
-    training.apply_profile_kernels(model, baseline.PROFILE)
+    training.apply_engine_to_model(model, EngineArguments(liger=False))
     assert calls == []
-    only_flce = dataclasses.replace(modified.PROFILE, liger_kernels=("fused_linear_cross_entropy",))
-    training.apply_profile_kernels(model, only_flce)
-    assert calls == [(model, training.liger_kernel_config(only_flce))]
+    training.apply_engine_to_model(model, EngineArguments(liger=True))
+    assert calls == [model]
+
+    usable, notes = training.usable_engine(EngineArguments(liger=True))  # this machine has no CUDA
+    assert not usable.liger and len(notes) == 1 and "CUDA" in notes[0]
+    assert usable == dataclasses.replace(EngineArguments(), liger=False)
+    assert training.usable_engine(EngineArguments(liger=False)) == (EngineArguments(liger=False), [])
 
 
-def test_ddp_comm_hook_is_checked_up_front_and_handed_to_accelerate():
-    import dataclasses
+def test_ddp_comm_hook_is_handed_to_accelerate():
     import types
 
-    import pytest
     from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
-    import modified
-    from common.config import ConfigError
+    from common.config import EngineArguments
     from common.training import configure_ddp_communication
 
     trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(ddp_handler=DistributedDataParallelKwargs()))
-    configure_ddp_communication(trainer, modified.PROFILE)
+    configure_ddp_communication(trainer, EngineArguments())
     assert trainer.accelerator.ddp_handler.comm_hook == DDPCommunicationHookType.NO
-    configure_ddp_communication(trainer, dataclasses.replace(modified.PROFILE, ddp_comm_hook="bf16"))
+    configure_ddp_communication(trainer, EngineArguments(ddp_comm_hook="bf16"))
     assert trainer.accelerator.ddp_handler.comm_hook == DDPCommunicationHookType.BF16
-    with pytest.raises(ConfigError, match="ddp_comm_hook"):
-        dataclasses.replace(modified.PROFILE, ddp_comm_hook="powersgd")
