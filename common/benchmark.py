@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib
 import importlib.metadata
 import json
 import math
@@ -46,7 +45,8 @@ from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
-from common.config import ExperimentArguments, Profile
+from common.config import EngineArguments, ExperimentArguments, Profile
+from common.profiles import BASELINE, MODIFIED
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS_PATH = Path(__file__).parent / "piqa_lengths.json"
@@ -57,34 +57,23 @@ PIQA_TRAIN_EXAMPLES = 16_113
 PIQA_VALID_EXAMPLES = 1_838
 GIB = 1024**3
 MIB = 1024**2
-# Rows whose Profile fields have no effect here: the benchmark saves no checkpoint and runs no evaluation.
-NO_EFFECT_FIELDS = ("name", "save_total_limit", "load_best_model_at_end")
-# The order in which the ablation adds modified's settings to baseline's, one more per row.
-ABLATION_ORDER = (
-    "precision",
-    "cudnn_attention",
-    "optim",
-    "use_liger_kernel",
-    "gradient_checkpointing",
-    "gradient_accumulation_steps",
-    "train_sampling_strategy",
-    "pin_memory",
-    "torch_compile",
-    "pad_to_multiple_of",
+# The HF Trainer's defaults for what the engine sets (PyTorch's own for the attention kernel), batch 128 per step.
+TRAINER_DEFAULTS = EngineArguments(
+    gradient_accumulation_steps=16,  # per_device_train_batch_size 8
+    gradient_checkpointing=False,
+    optim="adamw_torch_fused",
+    liger=False,
+    train_sampling_strategy="random",
+    cudnn_attention=True,
 )
-
-ABLATION_TAGS = {  # short row names
-    "precision": lambda v: "mixed" if v == "mixed" else v,
-    "optim": lambda v: v.removeprefix("adamw_torch_").removeprefix("adamw_"),
-    "use_liger_kernel": lambda v: "liger" if v else "no-liger",
-    "gradient_checkpointing": lambda v: "ckpt" if v else "no-ckpt",
-    "gradient_accumulation_steps": lambda v: f"accum{v}",
-    "train_sampling_strategy": lambda v: v,
-    "pin_memory": lambda v: "pin" if v else "no-pin",
-    "torch_compile": lambda v: "compile" if v else "no-compile",
-    "cudnn_attention": lambda v: "cudnn-attn" if v else "no-cudnn-attn",
-    "pad_to_multiple_of": lambda v: f"pad{v}",
-}
+# The order in which the grid adds the shared engine's settings to the Trainer's defaults, one more per row.
+ENGINE_STEPS = (
+    ("cudnn_attention", "cuDNN attention off"),
+    ("gradient_checkpointing", "gradient checkpointing"),
+    ("liger", "Liger kernels"),
+    ("train_sampling_strategy", "length-grouped batches"),
+    ("gradient_accumulation_steps", "micro-batch 128 x 1 = the shared engine, both scripts' defaults"),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -201,114 +190,62 @@ def synthetic_features(n: int, vocab_size: int, lengths: dict[str, Any], seed: i
 @dataclass(frozen=True)
 class BenchConfig:
     name: str
-    group: str  # "reference", "ablation" or "explore"
+    group: str  # "grid" (engine row x precision column), "reference" or "explore"
     profile: Profile
+    engine: EngineArguments
+    row: str = ""  # the grid's row label
     batch_size: int = 128  # examples per optimizer step (the experiment's --batch-size)
-    pad_to_multiple_of: int | None = None
     description: str = ""
-    arithmetic_change: bool = False  # changes the precision of weights, gradients or optimizer state
-    cudnn_sdpa: bool = True  # False: a diagnostic row with PyTorch's cuDNN attention backend turned off
-
-    @property
-    def padding_multiple(self) -> int | None:
-        return self.pad_to_multiple_of or self.profile.pad_to_multiple_of
 
     @property
     def micro_batch_size(self) -> int:
-        return self.batch_size // self.profile.gradient_accumulation_steps
-
-
-def load_profiles() -> tuple[Profile, Profile]:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module("baseline").PROFILE, importlib.import_module("modified").PROFILE
-
-
-def describe_change(name: str, value: Any) -> str:
-    return {
-        "precision": f"precision={value} (bf16 autocast, fp32 master weights)" if value == "mixed" else f"precision={value}",
-        "gradient_checkpointing": "gradient checkpointing " + ("on" if value else "off"),
-        "gradient_accumulation_steps": f"gradient accumulation {value}",
-    }.get(name, f"{name}={value}")
+        return self.batch_size // self.engine.gradient_accumulation_steps
 
 
 def configurations(batch_size: int = 128, world_size: int = 1) -> list[BenchConfig]:
-    """Reference rows (seed, baseline, modified), the cumulative ablation from baseline to modified, and probes
-    (with `world_size` > 1, also DDP's own settings)."""
-    baseline, modified = load_profiles()
+    """The grid (the shared engine's settings added one at a time to the Trainer's defaults, rows, for each
+    precision, columns), pinned memory flipped at the engine, the seed's configuration, and (with `world_size` > 1)
+    DDP's own settings. Each column is a script's own profile: baseline.PROFILE (fp32) and modified.PROFILE (mixed)."""
+    profiles = {"fp32": BASELINE, "mixed": MODIFIED}
     replace = dataclasses.replace
-    configs = [
-        BenchConfig(
-            "seed-original", "reference",
-            replace(baseline, name="seed-original", gradient_accumulation_steps=4),
-            batch_size=4, pad_to_multiple_of=64,
-            description="the seed's configuration: fp32, micro-batch 1 x accumulation 4 (4 examples per step), "
-                        "every sequence padded to a multiple of 64, gradient checkpointing",
-        ),
-        BenchConfig("baseline", "reference", baseline, batch_size, description="baseline.py's PROFILE"),
-        BenchConfig("modified", "reference", modified, batch_size, description="modified.py's PROFILE"),
-    ]
-    differing = [f for f in ABLATION_ORDER if getattr(baseline, f) != getattr(modified, f)]
-    current = baseline
-    for step, name in enumerate(differing, start=1):
-        current = replace(current, **{name: getattr(modified, name)}, name=f"ablation-{step}")
-        if all(getattr(current, f) == getattr(modified, f) for f in ABLATION_ORDER):
-            break  # the next row would be modified itself: the reference row above
+    defaults = replace(TRAINER_DEFAULTS, gradient_accumulation_steps=max(1, batch_size // 8))  # micro-batch 8
+    rows = [("trainer-defaults", f"HF Trainer defaults (micro-batch {batch_size // defaults.gradient_accumulation_steps}"
+             f" x {defaults.gradient_accumulation_steps}, fused AdamW)", defaults)]
+    engine = defaults
+    for step, (field_name, label) in enumerate(ENGINE_STEPS, start=1):
+        engine = replace(engine, **{field_name: getattr(EngineArguments(), field_name)})
+        rows.append((f"engine-{step}", f"+ {label}", engine))
+    assert engine == EngineArguments(), "the grid's last row must be the shared engine's defaults"
+    configs = []
+    for row_name, label, row_engine in rows:
+        for precision, profile in profiles.items():
+            name = {"fp32": "baseline", "mixed": "modified"}[precision] if row_engine == EngineArguments() \
+                else f"{row_name}/{precision}"
+            configs.append(BenchConfig(name, "grid", profile, row_engine, row=label, batch_size=batch_size,
+                                       description=f"{profile.name}.py's profile, engine: {label}"))
+    for precision, profile in profiles.items():
+        flipped = replace(profile, pin_memory=not profile.pin_memory)
         configs.append(BenchConfig(
-            f"abl{step}+{ABLATION_TAGS[name](getattr(modified, name))}", "ablation", current, batch_size,
-            description="baseline + " + ", ".join(describe_change(f, getattr(modified, f)) for f in differing[:step]),
-        ))
-    # Probes: the same geometry for memory comparisons, and settings not (yet) adopted.
-    probes = [
-        ("baseline@mb" + str(batch_size // modified.gradient_accumulation_steps),
-         replace(baseline, gradient_accumulation_steps=modified.gradient_accumulation_steps),
-         "baseline at modified's micro-batch (the shared geometry for modified's memory)", False),
-        ("modified@mb" + str(batch_size // baseline.gradient_accumulation_steps),
-         replace(modified, gradient_accumulation_steps=baseline.gradient_accumulation_steps),
-         "modified at baseline's micro-batch (the shared geometry for baseline's memory)", False),
-        ("modified" + ("-ckpt" if modified.gradient_checkpointing else "+ckpt"),
-         replace(modified, gradient_checkpointing=not modified.gradient_checkpointing),
-         "modified with gradient checkpointing " + ("off" if modified.gradient_checkpointing else "on"), False),
-        ("modified" + ("-liger" if modified.use_liger_kernel else "+liger"),
-         replace(modified, use_liger_kernel=not modified.use_liger_kernel),
-         "modified with Liger kernels " + ("off" if modified.use_liger_kernel else "on"), False),
-        ("modified+liger-flce", replace(modified, use_liger_kernel=True, liger_kernels=("fused_linear_cross_entropy",)),
-         "modified with only Liger's fused linear cross-entropy (PyTorch's own RMSNorm, SwiGLU and RoPE)", False),
-        ("modified+pad16", replace(modified, pad_to_multiple_of=16),
-         "modified with every batch padded to a multiple of 16 tokens (fewer distinct shapes)", False),
-        ("modified+adafactor", replace(modified, optim="adafactor"),
-         "modified with optim=adafactor (factored second moments, no first moment)", True),
-        ("modified+adamw8bit", replace(modified, optim="adamw_torch_8bit"),
-         "modified with optim=adamw_torch_8bit (torchao: 8-bit AdamW states)", True),
-        ("modified" + ("-compile" if modified.torch_compile else "+compile"),
-         replace(modified, torch_compile=not modified.torch_compile),
-         "modified with torch_compile " + ("off" if modified.torch_compile else "on"), False),
-    ]
-    if world_size > 1:  # settings that act only under DDP
-        bucket_mb = 200 if modified.ddp_bucket_cap_mb != 200 else 25
-        probes += [
-            (f"modified+bucket{bucket_mb}", replace(modified, ddp_bucket_cap_mb=bucket_mb),
-             f"modified with DDP's gradients all-reduced in buckets of {bucket_mb} MB", False),
-            ("modified" + ("-static-graph" if modified.ddp_static_graph else "+static-graph"),
-             replace(modified, ddp_static_graph=not modified.ddp_static_graph),
-             f"modified with DDP's static_graph={not modified.ddp_static_graph}", False),
-            ("modified+bf16-allreduce", replace(modified, ddp_comm_hook="bf16"),
-             "modified with DDP's gradients cast to bf16 for the all-reduce (half the bytes)", False),
+            f"pin-{'on' if flipped.pin_memory else 'off'}/{precision}", "grid", flipped, EngineArguments(),
+            row=f"the engine, pinned memory {'on' if flipped.pin_memory else 'off'}", batch_size=batch_size,
+            description=f"{profile.name}.py's profile with pin_memory={flipped.pin_memory}, the shared engine"))
+    configs.append(BenchConfig(
+        "seed-original", "reference", BASELINE,
+        replace(TRAINER_DEFAULTS, gradient_accumulation_steps=4, gradient_checkpointing=True, optim="adamw_torch",
+                pad_to_multiple_of=64),
+        batch_size=4,
+        description="the seed's configuration: fp32, micro-batch 1 x accumulation 4 (4 examples per step), "
+                    "every sequence padded to a multiple of 64, gradient checkpointing",
+    ))
+    if world_size > 1:  # settings that act only under DDP, probed on modified.py's run
+        ddp_probes = [
+            ("modified+bucket200", {"ddp_bucket_cap_mb": 200}, "DDP's gradients all-reduced in buckets of 200 MB"),
+            ("modified+static-graph", {"ddp_static_graph": True}, "DDP's static_graph=True"),
+            ("modified+bf16-allreduce", {"ddp_comm_hook": "bf16"}, "gradients cast to bf16 for the all-reduce"),
         ]
-    if modified.cudnn_attention:
-        configs.append(BenchConfig(
-        "modified[no-cudnn-sdpa]", "diagnostic", replace(modified, name="modified[no-cudnn-sdpa]"), batch_size,
-        description="modified, with torch.backends.cuda.enable_cudnn_sdp(False): scaled_dot_product_attention "
-                    "falls back from cuDNN to the memory-efficient kernel (not a Trainer setting: a diagnostic)",
-        cudnn_sdpa=False,
-        ))
-    for name, profile, description, arithmetic in probes:
-        if profile.optim == modified.optim and arithmetic:
-            continue
-        if profile == replace(modified, name=profile.name) and name != "modified":
-            continue
-        configs.append(BenchConfig(name, "explore", replace(profile, name=name), batch_size,
-                                   description=description, arithmetic_change=arithmetic))
+        for name, change, description in ddp_probes:
+            configs.append(BenchConfig(name, "explore", MODIFIED, replace(EngineArguments(), **change),
+                                       batch_size=batch_size, description="modified with " + description))
     return configs
 
 
@@ -442,11 +379,11 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int, micr
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     generator = torch.Generator().manual_seed(seed)
-    if config.profile.train_sampling_strategy == "group_by_length":
+    if config.engine.train_sampling_strategy == "group_by_length":
         order = get_length_grouped_indices(lengths, config.batch_size, generator=generator)
     else:
         order = torch.randperm(len(lengths), generator=generator).tolist()
-    mb, multiple = micro_batch_size, config.padding_multiple
+    mb, multiple = micro_batch_size, config.engine.pad_to_multiple_of
     real = padded = 0
     for start in range(0, len(order), mb):
         chunk = [lengths[i] for i in order[start : start + mb]]
@@ -501,13 +438,14 @@ def run_config(
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     from common.data import PadToLongest
-    from common.distributed import parallel_engine, world_size
+    from common.distributed import parallelism, world_size
     from common.models import count_parameters, load_model, load_tokenizer
     from common.training import (
+        apply_engine_to_model,
         build_training_arguments,
         compute_device,
         configure_ddp_communication,
-        liger_kernel_config,
+        usable_engine,
     )
 
     on_cuda = torch.cuda.is_available()
@@ -517,9 +455,8 @@ def run_config(
     if on_cuda:
         torch.cuda.set_device(compute_device())
         torch.cuda.reset_peak_memory_stats()
-        torch.backends.cuda.enable_cudnn_sdp(config.cudnn_sdpa and config.profile.cudnn_attention)
     started = time.perf_counter()
-    grouped = config.profile.train_sampling_strategy == "group_by_length"
+    grouped = config.engine.train_sampling_strategy == "group_by_length"
     timed_steps = max(steps, mega_batch_steps(dataset_size, config.batch_size)) if grouped else steps
     if profile_steps:
         timed_steps = profile_steps
@@ -528,12 +465,14 @@ def run_config(
     tokenizer = load_tokenizer(model_name)
     with torch.device("cuda") if on_cuda else contextlib.nullcontext():
         model = load_model(model_name, tokenizer)  # fp32 weights, as the scripts load them
+    engine, _ = usable_engine(config.engine)  # set up as run() does it
+    apply_engine_to_model(model, engine)
     parameters = count_parameters(model)
     features = synthetic_features(dataset_size, model.config.vocab_size, lengths, seed)
 
-    run_dir = tempfile.mkdtemp(prefix=f"bench-{config.name.replace('@', '_').replace('+', '_')}-")
+    run_dir = tempfile.mkdtemp(prefix="bench-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in config.name))
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
-    training_args = build_training_arguments(experiment, config.profile, run_dir)
+    training_args = build_training_arguments(experiment, engine, config.profile, run_dir)
     # The benchmark times training alone: no evaluation, no checkpoints, no reporting integrations.
     training_args.eval_strategy = IntervalStrategy.NO
     training_args.save_strategy = SaveStrategy.NO
@@ -543,7 +482,7 @@ def run_config(
     training_args.disable_tqdm = True
     training_args.logging_first_step = False
 
-    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=config.padding_multiple))
+    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=config.engine.pad_to_multiple_of))
     timer = make_step_timer(warmup_steps, timed_steps, max_measure_s)
     callbacks = [timer]
     if profile_steps:
@@ -551,7 +490,7 @@ def run_config(
         callbacks.append(profiler_callback)
     trainer = Trainer(model=model, args=training_args, train_dataset=features, data_collator=collator,
                       callbacks=callbacks)
-    configure_ddp_communication(trainer, config.profile)
+    configure_ddp_communication(trainer, engine)
     output = trainer.train()
     wall_s = time.perf_counter() - started
     peak_allocated = torch.cuda.max_memory_allocated() / GIB if on_cuda else None
@@ -563,7 +502,7 @@ def run_config(
     compiled = hasattr(trainer.model_wrapped, "_orig_mod") or hasattr(trainer.model, "_orig_mod")
     optimizer_class = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__
 
-    accumulation = config.profile.gradient_accumulation_steps
+    accumulation = config.engine.gradient_accumulation_steps
     done = len(timer.ends)
     if done <= warmup_steps:
         raise RuntimeError(f"only {done} optimizer steps ran; {warmup_steps} warm-up steps asked for")
@@ -579,31 +518,31 @@ def run_config(
         step_s, compute_s, real, total, peak_allocated, peak_reserved = combine_ranks(
             step_s, compute_s, real, total, peak_allocated, peak_reserved)
     tokens_per_s = sum(real) / sum(step_s)
-    flops_per_token = (8 if config.profile.gradient_checkpointing else 6) * parameters
+    flops_per_token = (8 if config.engine.gradient_checkpointing else 6) * parameters
     epoch_tokens = PIQA_TRAIN_EXAMPLES * mean_length(lengths["train_sequence"])
     epoch_steps = math.ceil(PIQA_TRAIN_EXAMPLES / config.batch_size)
     row = {
         "name": config.name,
         "group": config.group,
         "description": config.description,
-        "arithmetic_change": config.arithmetic_change,
+        "row": config.row,
         "profile": dataclasses.asdict(config.profile),
+        "engine": dataclasses.asdict(engine),
         "batch_size": config.batch_size,
         "micro_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "pad_to_multiple_of": config.padding_multiple,
-        "cudnn_sdpa": config.cudnn_sdpa,
+        "pad_to_multiple_of": config.engine.pad_to_multiple_of,
         "training_arguments": {
             "bf16": training_args.bf16, "fp16": training_args.fp16, "tf32": training_args.tf32,
             "optim": str(getattr(training_args.optim, "value", training_args.optim)),
             "gradient_checkpointing": training_args.gradient_checkpointing,
-            "use_liger_kernel": training_args.use_liger_kernel, "liger_kernel_config": liger_kernel_config(config.profile),
+            "use_liger_kernel": training_args.use_liger_kernel,
             "torch_compile": training_args.torch_compile,
             "train_sampling_strategy": training_args.train_sampling_strategy,
             "dataloader_pin_memory": training_args.dataloader_pin_memory,
             "ddp_bucket_cap_mb": training_args.ddp_bucket_cap_mb,
             "ddp_static_graph": training_args.ddp_static_graph,
-            "ddp_comm_hook": config.profile.ddp_comm_hook,
+            "ddp_comm_hook": config.engine.ddp_comm_hook,
         },
         "applied": {"liger_patched_modules": liger_patched, "compiled": compiled, "optimizer": optimizer_class,
                     # DDP keeps the hooks it registered (a private list: empty where absent)
@@ -612,7 +551,7 @@ def run_config(
         "parameters": parameters,
         "device": device_name,
         "world_size": ranks,
-        "engine": parallel_engine(trainer),
+        "parallelism": parallelism(trainer),
         "warmup_steps": warmup_steps,
         "timed_steps": len(step_s),
         "step_ms_median": 1000 * statistics.median(step_s),
@@ -883,6 +822,32 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_grid(rows: list[dict[str, Any]]) -> str:
+    """The question in two dimensions: each engine row (cumulative) for fp32 and mixed, and what mixed buys there."""
+    cells: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("group") == "grid" and "error" not in r:
+            cells.setdefault(r["row"], {})[r["profile"]["precision"]] = r
+    header = ("| engine (each row adds one setting) | fp32 tok/s | fp32 reserved GiB | mixed tok/s | "
+              "mixed reserved GiB | mixed / fp32 speed | mixed / fp32 reserved |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+
+    def cell(r, key, fmt):
+        return "n/a" if r is None or r.get(key) is None else format(r[key], fmt)
+
+    def ratio(fp32, mixed, key):
+        if fp32 is None or mixed is None or not fp32.get(key) or mixed.get(key) is None:
+            return "n/a"
+        return f"{mixed[key] / fp32[key]:.2f}x"
+
+    for label, by_precision in cells.items():
+        fp32, mixed = by_precision.get("fp32"), by_precision.get("mixed")
+        lines.append(f"| {label} | {cell(fp32, 'tokens_per_s', ',.0f')} | {cell(fp32, 'peak_reserved_gib', '.1f')} | "
+                     f"{cell(mixed, 'tokens_per_s', ',.0f')} | {cell(mixed, 'peak_reserved_gib', '.1f')} | "
+                     f"{ratio(fp32, mixed, 'tokens_per_s')} | {ratio(fp32, mixed, 'peak_reserved_gib')} |")
+    return "\n".join(lines)
+
+
 def plan_jobs(options, every: list[BenchConfig], chosen: list[BenchConfig], lengths: dict, parser) -> list[tuple]:
     """(name, function, kwargs) per row, in --configs order ('evaluation' where named; with 'all': after the
     configurations and before the rows that compile, which may take minutes). --profile adds a profiled row."""
@@ -910,8 +875,7 @@ def plan_jobs(options, every: list[BenchConfig], chosen: list[BenchConfig], leng
             "seed": options.seed, "lengths": lengths,
         })
         if options.configs == "all":
-            slow = [j for j in jobs if j[2]["config"].profile.torch_compile
-                    or j[2]["config"].profile.optim == "adamw_torch_8bit"]
+            slow = [j for j in jobs if j[2]["config"].engine.torch_compile]
             jobs = [j for j in jobs if j not in slow] + [eval_job] + slow
         else:
             before = [n for n in names[: names.index("evaluation")] if n != "evaluation"]
@@ -979,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.list:
         for c in every:
             print(f"{c.name:<28} {c.group:<9} batch {c.batch_size:>3} = {c.micro_batch_size} x "
-                  f"{c.profile.gradient_accumulation_steps}  {c.description}")
+                  f"{c.engine.gradient_accumulation_steps}  {c.description}")
         return 0
     if options.configs == "all":
         chosen = every
@@ -1065,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
     report["nvml"] = {k: v for k, v in monitor.summary().items() if k != "phases"}
     report["total_s"] = time.perf_counter() - started
     write()
-    print("\n" + format_table(report["rows"]))
+    print("\n" + format_grid(report["rows"]) + "\n\n" + format_table(report["rows"]))
     evaluation = next((r for r in report["rows"] if r.get("name") == "evaluation" and "runs" in r), None)
     if evaluation:
         for run in evaluation["runs"]:

@@ -1,5 +1,6 @@
 """common.benchmark on the CPU: a tiny model for 2 timed steps through the real code path, and its building blocks."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -62,11 +63,11 @@ def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path)
     row, profiled = json.loads(out.read_text())["rows"]
     assert "error" not in row and "error" not in profiled, (row.get("error"), profiled.get("error"))
     assert profiled["name"] == probe.name + "[profiled]" and profiled["world_size"] == 2
-    assert profiled["training_arguments"]["ddp_static_graph"] == probe.profile.ddp_static_graph
-    assert row["training_arguments"]["ddp_static_graph"] != probe.profile.ddp_static_graph
+    assert profiled["training_arguments"]["ddp_static_graph"] == probe.engine.ddp_static_graph
+    assert row["training_arguments"]["ddp_static_graph"] != probe.engine.ddp_static_graph
     assert row["applied"]["ddp_comm_hooks"] == []
     assert profiled["profile_summary"]["nccl_kernels_ms_per_step"] == 0  # gloo on CPU: no NCCL kernels
-    assert (row["world_size"], row["engine"], row["micro_batch_size"]) == (2, "DDP", 4)  # 8 = 2 ranks x 4
+    assert (row["world_size"], row["parallelism"], row["micro_batch_size"]) == (2, "DDP", 4)  # 8 = 2 ranks x 4
     assert row["tokens_per_s_per_gpu"] == row["tokens_per_s"] / 2
     # Both ranks' tokens: the Trainer's count (gathered over ranks) equals the sum of both collators'.
     assert row["trainer_counted_nonpad_tokens"] == round(row["nonpad_tokens_per_step_mean"] * row["timed_steps"])
@@ -81,21 +82,31 @@ def test_nproc_is_checked_up_front():
         assert done.returncode == 2 and message in done.stderr
 
 
-def test_configurations_hold_the_reference_rows_and_the_ablation():
-    import baseline
-    import modified
+def test_the_grid_adds_one_engine_setting_per_row_for_both_profiles():
+    from common import profiles
+    from common.config import EngineArguments
 
     configs = {c.name: c for c in benchmark.configurations()}
     seed = configs["seed-original"]
-    assert (seed.batch_size, seed.micro_batch_size, seed.pad_to_multiple_of) == (4, 1, 64)
-    assert seed.profile.precision == "fp32" and seed.profile.gradient_checkpointing
-    assert configs["baseline"].profile == baseline.PROFILE and configs["modified"].profile == modified.PROFILE
-    ablation = [c for c in configs.values() if c.group == "ablation"]
-    for earlier, later in zip([configs["baseline"]] + ablation, ablation):
-        changed = [f for f in benchmark.ABLATION_ORDER if getattr(earlier.profile, f) != getattr(later.profile, f)]
-        assert len(changed) == 1, (earlier.name, later.name, changed)  # one setting more per row
+    assert (seed.batch_size, seed.micro_batch_size, seed.engine.pad_to_multiple_of) == (4, 1, 64)
+    assert seed.profile.precision == "fp32" and seed.engine.gradient_checkpointing
+    assert configs["baseline"].profile == profiles.BASELINE and configs["modified"].profile == profiles.MODIFIED
+    assert configs["baseline"].engine == configs["modified"].engine == EngineArguments()  # the scripts' defaults
+    grid = [c for c in configs.values() if c.group == "grid" and not c.name.startswith("pin-")]
+    engines = []  # the rows, in order
+    for c in grid:
+        if c.engine not in engines:
+            engines.append(c.engine)
+    assert engines[0] == benchmark.TRAINER_DEFAULTS and engines[-1] == EngineArguments()  # batch 128: 8 x 16
+    for earlier, later in zip(engines, engines[1:]):
+        changed = [f for f in dataclasses.fields(EngineArguments) if getattr(earlier, f.name) != getattr(later, f.name)]
+        assert len(changed) == 1, (earlier, later, changed)  # one setting more per row
+    for engine in engines:  # each row runs for both profiles: the columns
+        assert sorted(c.profile.name for c in grid if c.engine == engine) == ["baseline", "modified"]
+    pinned = [c for c in configs.values() if c.name.startswith("pin-")]
+    assert {(c.profile.precision, c.profile.pin_memory) for c in pinned} == {("fp32", True), ("mixed", False)}
     for c in configs.values():
-        assert c.batch_size % c.profile.gradient_accumulation_steps == 0
+        assert c.batch_size % c.engine.gradient_accumulation_steps == 0
 
 
 def test_lengths_file_holds_histograms_only():
@@ -153,5 +164,5 @@ def test_benchmark_fsdp_launches_with_the_repository_config_and_reports_the_engi
     assert report["settings"]["launcher"] == "accelerate launch --config_file common/fsdp.yaml"
     (row,) = report["rows"]
     assert "error" not in row, row.get("error")
-    assert (row["world_size"], row["engine"], row["micro_batch_size"]) == (2, "DDP", 4)
+    assert (row["world_size"], row["parallelism"], row["micro_batch_size"]) == (2, "DDP", 4)
     assert "--fsdp shards over several GPUs" in run_tiny_benchmark(out, "--fsdp").stderr
