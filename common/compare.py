@@ -430,15 +430,19 @@ def profile_settings(run: Run) -> dict[str, Any]:
     return run.metrics.get("settings") or run.config.get("profile") or {}
 
 
+def engine_settings(run: Run) -> dict[str, Any]:
+    return run.metrics.get("engine") or run.config.get("engine") or {}
+
+
 def _settings_rows(runs: Sequence[Run]) -> list[Row]:
-    """Only the profile settings that differ between runs."""
-    settings = [profile_settings(r) for r in runs]
-    keys = sorted({k for s in settings for k in s} - {"name"})
+    """Only the profile and engine settings that differ between runs."""
     rows = []
-    for key in keys:
-        values = [_setting_text(s[key]) if key in s else NA for s in settings]
-        if len(set(values)) > 1:
-            rows.append((f"setting: {key}", values))
+    for kind, read in (("setting", profile_settings), ("engine", engine_settings)):
+        settings = [read(r) for r in runs]
+        for key in sorted({k for s in settings for k in s} - {"name"}):
+            values = [_setting_text(s[key]) if key in s else NA for s in settings]
+            if len(set(values)) > 1:
+                rows.append((f"{kind}: {key}", values))
     return rows
 
 
@@ -555,7 +559,7 @@ def id_mismatch_notes(found: Sequence[Comparison]) -> list[str]:
 
 
 def experiment_differences(runs: Sequence[Run]) -> list[str]:
-    """Experiment arguments (meant to be identical across runs) that are not."""
+    """Experiment arguments and engine settings (meant to be identical across runs) that are not."""
     configs = [get(r.config, "experiment") or {} for r in runs]
     known = [c for c in configs if c]
     keys = sorted({k for c in known for k in c} - set(IGNORED_EXPERIMENT_KEYS))
@@ -565,6 +569,12 @@ def experiment_differences(runs: Sequence[Run]) -> list[str]:
         if len(set(values)) > 1:
             pairs = ", ".join(f"{r.label}={json.dumps(c.get(key))}" for r, c in zip(runs, configs) if c)
             notes.append(f"experiment argument '{key}' differs ({pairs}): check that the comparison is fair")
+    engines = [engine_settings(r) for r in runs]
+    for key in sorted({k for e in engines if e for k in e}):
+        values = {json.dumps(e.get(key)) for e in engines if e}
+        if len(values) > 1:
+            pairs = ", ".join(f"{r.label}={json.dumps(e.get(key))}" for r, e in zip(runs, engines) if e)
+            notes.append(f"engine setting '{key}' differs ({pairs}): speed and memory differ by more than the profile")
     devices = {get(r.metrics, "environment", "device") for r in runs} - {None}
     if len(devices) > 1:
         notes.append(f"the runs ran on different devices ({', '.join(sorted(devices))}): speed and memory differ by card too")
