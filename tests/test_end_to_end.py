@@ -38,6 +38,7 @@ def test_smoke_run_writes_every_output(smoke_runs, script):
     assert (run_dir / "final_model" / "tokenizer.json").is_file()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["profile"]["name"] == script.removesuffix(".py")
+    assert config["experiment"]["token"] is None  # none given: nothing to redact
     header = [line for line in (run_dir / "densenetsmi.txt").read_text().splitlines() if line.startswith("#")]
     assert any("GPU monitoring off" in line for line in header)  # CI has no GPU, and says so
 
