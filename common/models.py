@@ -133,8 +133,8 @@ def resolve_model_argument(model: str) -> tuple[str, str | None]:
             return str(path / "final_model"), f"--model {model} is a run directory: using {path / 'final_model'}"
         saved = sorted(path.glob("checkpoint-*/config.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
         advice = (f"pass one of its checkpoints, e.g. --model {saved[-1].parent}" if saved
-                  else "and it holds no checkpoint: pass a model directory, .gguf file or Hub id")
-        raise ModelLoadError(f"--model {model}: a run directory without final_model/ (the run did not finish): {advice}")
+                  else "it holds no checkpoint either: pass a model directory, .gguf file or Hub id")
+        raise ModelLoadError(f"--model {model}: a run directory without final_model/ (the run did not finish); {advice}")
     return str(path), None
 
 

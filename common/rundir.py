@@ -79,12 +79,15 @@ def check_run_dir(
     if finished(run_dir):
         if overwrite:
             return None
-        nothing = "nothing to resume; " if resume else ""
-        raise RunDirError(f"{run_dir}: holds a finished run: {nothing}{elsewhere}{replace}.")
+        if resume:  # --resume must go for either way out (--overwrite contradicts it)
+            raise RunDirError(f"{run_dir}: holds a finished run, so there is nothing to resume: leave out --resume and "
+                              f"{elsewhere}{replace}.")
+        raise RunDirError(f"{run_dir}: holds a finished run: {elsewhere}{replace}.")
     if resume:
         if not saved:
             raise RunDirError(f"{run_dir}: --resume given but the run stopped before its first checkpoint, so there is "
-                              f"nothing to resume: pass --overwrite instead of --resume to start over, or {elsewhere}.")
+                              f"nothing to resume: pass --overwrite instead of --resume to start over, or leave out --resume and "
+                              f"{elsewhere}.")
         return saved[-1]
     if overwrite:
         return None
