@@ -387,7 +387,8 @@ def main_rows(runs: Sequence[Run]) -> list[Row]:
         for kind in ("allocated", "reserved"):
             add(f"torch peak {kind}, {title} (MiB)", lambda r, p=phase, k=kind: get(r.metrics, "memory", "torch", p, f"max_{k}_mib"))
     add("checkpoints on disk (MiB)", lambda r: get(r.metrics, "disk", "checkpoints_mib"))
-    add("train loss, mean over the run (nats/token)", lambda r: get(r.metrics, "train", "final_loss"), "{:.4f}")
+    add("train loss, mean over the run (nats/token)", lambda r: get(r.metrics, "train", "mean_loss")
+        if get(r.metrics, "train", "mean_loss") is not None else get(r.metrics, "train", "final_loss"), "{:.4f}")
     add("train loss, last logged step (nats/token)", last_loss, "{:.4f}")
     rows.extend(_accuracy_rows(runs))
     rows.extend(_settings_rows(runs))

@@ -7,12 +7,9 @@ management and pinned memory.
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from transformers import HfArgumentParser
+from common.cli import parse_command_line
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B"
 EVAL_METHODS = ("loglik", "generate", "both")
@@ -109,7 +106,9 @@ class ExperimentArguments:
 
     model: str = field(
         default=DEFAULT_MODEL,
-        metadata={"help": "Hub id, local model directory, or local .gguf file ('smoke': tiny offline model)."},
+        metadata={"help": "Hub id, local model directory (a run directory means its final_model), local .gguf file, "
+                  "'smoke' (tiny offline model) or 'llama-3.2-1b-random' (Llama-3.2-1B's shapes, random weights, "
+                  "no download)."},
     )
     data_dir: str | None = field(
         default=None,
@@ -120,7 +119,8 @@ class ExperimentArguments:
         default=False,
         metadata={"help": "Offline embedded default: tiny random Llama, the bundled sample data, a few steps, CPU ok."},
     )
-    output_dir: str | None = field(default=None, metadata={"help": "Run directory (default: runs/<profile name>)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Run directory (default: runs/<profile name>; with --eval-only a new "
+                                     "runs/<profile name>-eval[-N])."})
     train_samples: int | None = field(
         default=None, metadata={"help": "Training examples drawn from the train split after the selection slice (default: all)."}
     )
@@ -211,6 +211,8 @@ class ExperimentArguments:
             raise ConfigError(f"--eval-method must be one of {', '.join(EVAL_METHODS)}, got {self.eval_method!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
+        if self.resume and self.eval_only:
+            raise ConfigError("--resume continues training and --eval-only does not train: pick one")
 
 
 # --smoke changes these defaults; anything given on the command line still wins.
@@ -231,29 +233,16 @@ SECRET_KEYS = ("token", "hub_token", "password", "secret")
 
 
 def redact(config: dict) -> dict:
-    """Never write an access token to disk: drop any key that looks like a secret."""
-    return {k: ("<redacted>" if any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()}
+    """Never write an access token to disk: a secret that was given becomes "<redacted>"; one not given stays null."""
+    return {
+        k: ("<redacted>" if v is not None and any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()
+    }
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[ExperimentArguments, EngineArguments]:
-    """Command line, or a single JSON file (`python3 baseline.py config.json`), as HF's run_clm.py does."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ExperimentArguments, EngineArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            values = json.loads(path.read_text())
-            if values.get("smoke"):
-                values = {**SMOKE_DEFAULTS, **values}
-            args, engine = parser.parse_dict(values, allow_extra_keys=False)
-        except (json.JSONDecodeError, ValueError) as err:
-            raise ConfigError(f"{path}: {err}") from None
-    else:
-        if "--smoke" in argv:
-            parser.set_defaults(**SMOKE_DEFAULTS)
-        args, engine = parser.parse_args_into_dataclasses(args=argv)
+def parse_arguments(argv: list[str] | None = None, description: str | None = None,
+                    prog: str | None = None) -> tuple[ExperimentArguments, EngineArguments]:
+    """`[CONFIG.json] [--option VALUE ...]`; a mistake is one `error:` line and exit 2, a bad value a ConfigError."""
+    args, engine = parse_command_line((ExperimentArguments, EngineArguments), argv, SMOKE_DEFAULTS, description, prog)
     args.validate()
     engine.validate()
     return args, engine

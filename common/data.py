@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import hub
 from common.prompts import encode_pair, format_context, format_continuation
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -86,7 +87,10 @@ def read_hub_split(split: str, cache_dir: str | None = None) -> list[PiqaExample
     """PIQA from the Hub through a parquet-backed copy (the canonical repo's loading script is refused by datasets>=4)."""
     from datasets import load_dataset
 
-    rows = load_dataset(HUB_DATASET, revision=HUB_REVISION, split=split, cache_dir=cache_dir)
+    try:
+        rows = load_dataset(HUB_DATASET, revision=HUB_REVISION, split=split, cache_dir=cache_dir)
+    except Exception as err:  # anything the Hub or datasets raise becomes one clear line
+        raise DataError(hub.failure_message(f"PIQA ({HUB_DATASET})", err)) from err
     return [
         PiqaExample(id=f"{split}-{i + 1}", goal=r["goal"], sol1=r["sol1"], sol2=r["sol2"], label=int(r["label"]))
         for i, r in enumerate(rows)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from common import hub
+
 SMOKE_MODEL = "smoke"  # --model value (and what --smoke selects): tiny random Llama, byte-level tokenizer
 LLAMA_3_2_1B_RANDOM = "llama-3.2-1b-random"  # --model value: Llama-3.2-1B's shapes, random weights, no download
 LLAMA_3_2_1B_PARAMETERS = 1_235_814_400
@@ -96,14 +98,51 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, token: str | Non
     return tokenizer
 
 
+def looks_like_a_path(model: str) -> bool:
+    """A --model value meant as a local path: `.`, `/` or `~` first, a .gguf name, or its first folder exists here
+    (`runs/modfied/final_model` is a mistyped path, not a Hub id)."""
+    path = Path(model).expanduser()
+    first_folder = Path(model).parts[0] if len(Path(model).parts) > 1 else None
+    return (model.startswith((".", "/", "~")) or path.suffix == ".gguf" or path.exists()
+            or (first_folder is not None and Path(first_folder).is_dir()))
+
+
+def is_local_path(model: str) -> bool:
+    return model not in (SMOKE_MODEL, LLAMA_3_2_1B_RANDOM) and looks_like_a_path(model)
+
+
+def is_hub_id(model: str) -> bool:
+    return model not in (SMOKE_MODEL, LLAMA_3_2_1B_RANDOM) and not looks_like_a_path(model)
+
+
+def resolve_model_argument(model: str) -> tuple[str, str | None]:
+    """--model as it will be loaded, and a note for the log when it differs from what was typed.
+
+    `~` is expanded; a run directory stands for its final_model/. A path that does not exist is an error here,
+    so it is never sent to the Hub as a model id.
+    """
+    if not is_local_path(model):
+        return model, None
+    path = Path(model).expanduser()
+    if not path.exists():
+        missing = next(p for p in reversed([path, *path.parents]) if not p.exists())
+        raise ModelLoadError(f"--model {model}: no such file or directory ({missing} does not exist)")
+    is_run_dir = (path / "metrics.json").is_file() or (path / "final_model").is_dir()
+    if path.is_dir() and is_run_dir:
+        if (path / "final_model" / "config.json").is_file():
+            return str(path / "final_model"), f"--model {model} is a run directory: using {path / 'final_model'}"
+        saved = sorted(path.glob("checkpoint-*/config.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+        advice = (f"pass one of its checkpoints, e.g. --model {saved[-1].parent}" if saved
+                  else "it holds no checkpoint either: pass a model directory, .gguf file or Hub id")
+        raise ModelLoadError(f"--model {model}: a run directory without final_model/ (the run did not finish); {advice}")
+    return str(path), None
+
+
 def check_model_path(model: str) -> None:
     """Fail early, with a clear line, on a local path that cannot hold a model."""
-    if model in (SMOKE_MODEL, LLAMA_3_2_1B_RANDOM):
+    if not is_local_path(model):
         return
-    path = Path(model)
-    looks_local = path.suffix == ".gguf" or model.startswith((".", "/", "~")) or path.exists()
-    if not looks_local:
-        return
+    path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"--model {model}: no such file or directory")
     if path.suffix == ".gguf":
@@ -153,19 +192,14 @@ def _as_plain_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def explain_load_failure(model: str, err: Exception) -> str:
     text = f"{type(err).__name__}: {err}"
-    first_line = text.strip().splitlines()[0][:300]
     if Path(model).exists():
-        return f"--model {model}: could not load it ({first_line})"
-    if any(k in text for k in ("gated", "401", "403", "restricted", "awaiting a review")):
+        return f"--model {model}: could not load it ({hub.first_line(err, 300)})"
+    if hub.offline_reason() is None and any(k in text for k in ("gated", "401", "403", "restricted", "awaiting a review")):
         return (
-            f"--model {model}: the model is gated. Run `huggingface-cli login`, accept the licence on "
-            f"https://huggingface.co/{model}, or pass a local directory or .gguf file with --model."
+            f"--model {model}: the model is gated. Accept its licence on https://huggingface.co/{model}, then run "
+            "`hf auth login` (or pass --token), or pass a local directory or .gguf file with --model."
         )
-    return (
-        f"--model {model}: could not load it from the Hugging Face Hub ({first_line}). The Hub may be "
-        "unreachable (offline?): download the model elsewhere and pass its local directory or .gguf file "
-        "with --model, or use --smoke for the offline tiny model."
-    )
+    return hub.failure_message(f"--model {model}", err, [hub.MODEL_FIX])
 
 
 def count_parameters(model: torch.nn.Module) -> int:

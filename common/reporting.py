@@ -65,7 +65,8 @@ def summary_table(metrics: dict) -> str:
     add("train samples/s", timing.get("train_samples_per_s"), "{:.2f}")
     add("train non-padding tokens/s", timing.get("train_tokens_per_s"), "{:,.0f}")
     add("optimizer steps", train.get("optimizer_steps"))
-    add("final train loss", train.get("final_loss"), "{:.4f}")
+    add("train loss, mean over the run", train.get("mean_loss", train.get("final_loss")), "{:.4f}")
+    add("train loss, last logged step", (train.get("loss_per_step") or [{}])[-1].get("loss"), "{:.4f}")
     for phase in ("zero_shot", "fine_tuned"):
         for method, result in accuracy.get(phase, {}).items():
             add(f"{phase} {method} acc (%)", result.get("acc_pct"), "{:.2f}")

@@ -15,15 +15,23 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common import distributed
+from common import distributed, hub
 from common.config import ConfigError, Profile, parse_arguments, resolved_config
-from common.data import DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
+from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
 from common.evaluation import EvalResult, write_predictions
-from common.models import ModelLoadError, check_model_path, count_parameters, load_model, load_tokenizer
+from common.models import (
+    ModelLoadError,
+    check_model_path,
+    count_parameters,
+    is_hub_id,
+    load_model,
+    load_tokenizer,
+    resolve_model_argument,
+)
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
 from common.reporting import MetricsFile, environment, summary_table
-from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib
+from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib, first_free_dir
 from common.training import (
     PiqaTrainer,
     apply_engine_to_model,
@@ -55,7 +63,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     if note := one_gpu_unless_distributed():
         print(note)
     try:
-        args, engine = parse_arguments(argv)
+        args, engine = parse_arguments(argv, description=describe(profile), prog=f"{profile.name}.py")
         distributed.init()
         args.micro_batch_size(engine, world_size())
         engine, engine_notes = usable_engine(engine)
@@ -63,9 +71,14 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
             for note in engine_notes:
                 print(f"note: {note}")
         check_visible_gpus(user_visible_gpus)
-        run_dir = Path(args.output_dir or f"runs/{profile.name}")
-        resume_from = check_run_dir(run_dir, args.overwrite, args.resume)
+        args.model, model_note = resolve_model_argument(args.model)
+        run_dir, run_dir_note = choose_run_dir(args, profile)
+        resume_from = check_run_dir(run_dir, args.overwrite, args.resume, args.model, args.eval_only)
         check_model_path(args.model)
+        for note in (model_note, run_dir_note):
+            if note and is_main_process():
+                print(note)
+        hub.check_reachable(hub_needs(args))
         data = build_experiment_data(
             args.data_dir,
             args.smoke,
@@ -98,6 +111,33 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
         print("\ninterrupted while setting up: nothing was written", file=sys.stderr)
         return 130
     return _run_experiment(args, engine, profile, run_dir, data, model, tokenizer, resume_from, disk_estimate)
+
+
+def describe(profile: Profile) -> str:
+    """--help's first lines: which profile this script runs."""
+    settings = ", ".join(f"{name}={value}" for name, value in asdict(profile).items() if name != "name")
+    return (f"Fine-tune on PIQA with the '{profile.name}' profile ({settings}). Every option below is the same "
+            "in baseline.py and modified.py.")
+
+
+def choose_run_dir(args, profile: Profile) -> tuple[Path, str | None]:
+    """--output-dir; else runs/<profile>; --eval-only gets a new directory of its own, never a training run's."""
+    if args.output_dir:
+        return Path(args.output_dir).expanduser(), None
+    if args.eval_only:
+        run_dir = first_free_dir(Path("runs") / f"{profile.name}-eval")
+        return run_dir, f"--eval-only: writing to {run_dir}"
+    return Path("runs") / profile.name, None
+
+
+def hub_needs(args) -> dict[str, str]:
+    """What this run would fetch from the Hugging Face Hub -> the option that makes it local instead."""
+    needs = {}
+    if not args.data_dir and not args.smoke:
+        needs[f"PIQA ({HUB_DATASET})"] = hub.DATA_FIX
+    if is_hub_id(args.model):
+        needs[args.model] = hub.MODEL_FIX
+    return needs
 
 
 def _run_experiment(
@@ -189,7 +229,8 @@ def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase
             continue
         suffix = "" if method == "loglik" else f"_{method}"
         write_predictions(run_dir / f"predictions_{phase}{suffix}.jsonl", result)
-        print(f"{phase} accuracy ({method}, {result.n_examples} examples, {result.seconds:.1f} s): "
+        label = f"eval-only accuracy of {args.model}" if args.eval_only else f"{phase} accuracy"
+        print(f"{label} ({method}, {result.n_examples} examples, {result.seconds:.1f} s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics().items() if k.endswith("_pct")))
     return results
 
@@ -224,7 +265,7 @@ def _train(args, engine, profile, run_dir, data, model, tokenizer, resume_from, 
         "train_samples_per_s": output.metrics["train_samples_per_second"],
         "train_tokens_per_s": session_tokens / runtime_s if runtime_s else None,  # non-padding, this session
     }
-    metrics.data["train"]["final_loss"] = output.training_loss
+    metrics.data["train"]["mean_loss"] = output.training_loss  # the Trainer's mean over every step of this session
     metrics.write()
     return trainer
 

@@ -32,29 +32,81 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> Path | None:
-    """Decide how to use `run_dir` without touching it; returns the checkpoint to resume from, if any."""
+def is_inside(path: Path, directory: Path) -> bool:
+    """Whether `path` is `directory` or lies under it (symbolic links resolved)."""
+    path, directory = path.expanduser().resolve(), directory.expanduser().resolve()
+    return path == directory or directory in path.parents
+
+
+def looks_like_a_run(run_dir: Path) -> bool:
+    return (run_dir / METRICS_FILE).exists() or (run_dir / "config.json").exists() or bool(checkpoints(run_dir))
+
+
+def check_run_dir(
+    run_dir: Path, overwrite: bool, resume: bool, model: str | None = None, eval_only: bool = False
+) -> Path | None:
+    """Decide how to use `run_dir` without touching it; returns the checkpoint to resume from, if any.
+
+    No flag deletes or replaces `model`: --overwrite is refused when the model lies inside `run_dir`, and so is
+    training into it. Each refusal names only ways out that work from where the user stands.
+    """
+    holds_model = model is not None and Path(model).exists() and is_inside(Path(model), run_dir)
+    elsewhere = ("leave out --output-dir (--eval-only then writes to a new directory of its own)" if eval_only
+                 else "pass --output-dir with a new directory")
+    if holds_model and resume:
+        raise RunDirError(f"{run_dir}: --model {model} lies inside the run --resume continues, and the run's checkpoint "
+                          "rotation could delete it: pass --model the model the run started from (its config.json "
+                          "names it); the weights come from the newest checkpoint.")
+    if holds_model and (overwrite or not eval_only):
+        does = "--overwrite would delete" if overwrite else "training writes checkpoints and final_model/ into it and could replace"
+        raise RunDirError(f"{run_dir}: {does} --model {model}, which lies inside it: {elsewhere}.")
     if not run_dir.exists():
         if resume:
-            raise RunDirError(f"{run_dir}: --resume given but the run directory does not exist")
+            raise RunDirError(f"{run_dir}: --resume given but the run directory does not exist: leave out --resume "
+                              "to start a new run")
         return None
     if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: exists and is not a directory")
+        raise RunDirError(f"{run_dir}: exists and is not a directory: {elsewhere}.")
+    if not any(run_dir.iterdir()):
+        if resume:
+            raise RunDirError(f"{run_dir}: --resume given but the directory is empty: leave out --resume")
+        return None
+    if not looks_like_a_run(run_dir):
+        raise RunDirError(f"{run_dir}: is not empty and holds no run (no metrics.json, config.json or checkpoint-*); "
+                          f"--overwrite replaces only runs: {elsewhere}.")
     saved = checkpoints(run_dir)
-    if finished(run_dir) and not overwrite:
-        raise RunDirError(
-            f"{run_dir}: holds a finished run. Pass --overwrite to replace it, or --output-dir for a new directory."
-        )
+    replace = "" if holds_model else ", or --overwrite to replace it"
+    if finished(run_dir):
+        if overwrite:
+            return None
+        if resume:  # --resume must go for either way out (--overwrite contradicts it)
+            raise RunDirError(f"{run_dir}: holds a finished run, so there is nothing to resume: leave out --resume and "
+                              f"{elsewhere}{replace}.")
+        raise RunDirError(f"{run_dir}: holds a finished run: {elsewhere}{replace}.")
     if resume:
         if not saved:
-            raise RunDirError(f"{run_dir}: --resume given but there is no checkpoint-* to resume from")
+            raise RunDirError(f"{run_dir}: --resume given but the run stopped before its first checkpoint, so there is "
+                              f"nothing to resume: pass --overwrite instead of --resume to start over, or leave out --resume and "
+                              f"{elsewhere}.")
         return saved[-1]
-    if (saved or any(run_dir.iterdir())) and not overwrite:
-        raise RunDirError(
-            f"{run_dir}: holds an unfinished run ({len(saved)} checkpoint(s)). Pass --resume to continue from "
-            "the newest checkpoint, or --overwrite to start over."
-        )
-    return None
+    if overwrite:
+        return None
+    if eval_only:
+        raise RunDirError(f"{run_dir}: holds an unfinished run: {elsewhere}{replace}.")
+    if saved:
+        raise RunDirError(f"{run_dir}: holds an unfinished run ({len(saved)} checkpoint(s)). Pass --resume to continue "
+                          f"from the newest checkpoint, --overwrite to start over, or --output-dir for a new directory.")
+    raise RunDirError(f"{run_dir}: holds a run that stopped before its first checkpoint (nothing to resume). Pass "
+                      f"--overwrite to start over, or --output-dir for a new directory.")
+
+
+def first_free_dir(base: Path) -> Path:
+    """`base`, else `base-2`, `base-3`, ...: the first that does not exist (every rank computes the same one)."""
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
 
 
 def clear_run_dir(run_dir: Path) -> None:

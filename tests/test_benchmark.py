@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common import benchmark
 from common.data import IGNORE_INDEX
 
@@ -51,6 +53,7 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     assert "| modified |" in done.stdout
 
 
+@pytest.mark.slow  # a torchrun / accelerate launch
 def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path):
     """--nproc 2: torchrun, two ranks (gloo on CPU), the batch split between them, tokens of both counted."""
     out = tmp_path / "rows.json"
@@ -154,6 +157,7 @@ def test_profiled_row_reports_where_the_time_went(tmp_path):
     assert summary["top_self_cpu_ms_per_step"]
 
 
+@pytest.mark.slow  # a torchrun / accelerate launch
 def test_benchmark_fsdp_launches_with_the_repository_config_and_reports_the_engine_it_saw(tmp_path):
     """--fsdp: accelerate launch with common/fsdp.yaml. On CPUs accelerate runs DDP instead of FSDP; the row says
     what ran (read from the model's wrapping), not what was asked for."""

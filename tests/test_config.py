@@ -86,19 +86,40 @@ def test_precision_and_pinned_memory_reach_the_training_arguments(tmp_path):
     assert not fp32.load_best_model_at_end and mixed.load_best_model_at_end and mixed.metric_for_best_model == "accuracy"
 
 
-def test_help_documents_every_argument():
-    out = subprocess.run([sys.executable, "baseline.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+def test_help_documents_every_argument_as_the_readme_spells_it():
+    out = subprocess.run([sys.executable, "modified.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
     for field in dataclasses.fields(ExperimentArguments) + dataclasses.fields(EngineArguments):
-        assert f"--{field.name}" in out.stdout
+        assert f"--{field.name.replace('_', '-')}" in out.stdout
+        assert f"--{field.name} " not in out.stdout or "_" not in field.name  # one spelling: the README's
         assert field.metadata.get("help"), f"{field.name} has no help text"
+    assert "'modified' profile" in out.stdout and "llama-3.2-1b-random" in out.stdout
+    text = " ".join(out.stdout.split())
+    assert text.count("(default: 500)") == 1  # each default said once
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_json_config_file_is_accepted(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"smoke": True, "seed": 7, "eval_samples": "all"}))
+    path.write_text(json.dumps({"smoke": True, "seed": 7, "eval_samples": "all", "learning-rate": 0.5}))
     args, _ = parse_arguments([str(path)])
-    assert args.seed == 7 and args.eval_samples == "all" and args.model == "smoke"
+    assert args.seed == 7 and args.eval_samples == "all" and args.model == "smoke" and args.learning_rate == 0.5
+
+
+def test_json_config_file_and_flags_the_flags_win(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"smoke": True, "seed": 7, "max_steps": -1, "data_dir": None, "liger": False}))
+    args, engine = parse_arguments([str(path), "--seed", "8", "--eval-only"])
+    assert args.seed == 8 and args.eval_only and args.model == "smoke" and args.batch_size == 8 and not engine.liger
+    assert parse_arguments([str(path), "--smoke", "false"])[0].model != "smoke"
+
+
+@pytest.mark.parametrize("argv", [["--eval-sample", "10"], ["--batch", "8"], ["--data_dirr", "x"], ["--no-lig"]])
+def test_no_abbreviation_is_ever_taken_for_an_option(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_arguments(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: unknown option {argv[0]}")
 
 
 def test_smoke_defaults_yield_to_the_command_line():
@@ -132,5 +153,6 @@ def test_batch_must_split_into_micro_batches():
         args.micro_batch_size(EngineArguments(gradient_accumulation_steps=4))
 
 
-def test_secrets_are_redacted():
+def test_secrets_are_redacted_and_absent_ones_stay_null():
     assert redact({"hub_token": "hf_abc", "seed": 1}) == {"hub_token": "<redacted>", "seed": 1}
+    assert redact({"token": None}) == {"token": None}

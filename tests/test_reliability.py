@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import baseline
 from common.config import Profile
-from common.run import run
 from common.rundir import RunDirError, check_disk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +50,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 240) -> N
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_training_leaves_partial_metrics_and_no_process(tmp_path, sig):
     run_dir = tmp_path / "run"
@@ -71,6 +70,7 @@ def test_signal_during_training_leaves_partial_metrics_and_no_process(tmp_path, 
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay_s", [0.5, 4.0])
 def test_signal_at_any_moment_exits_non_zero_cleanly(tmp_path, delay_s):
     run_dir = tmp_path / "run"
@@ -87,6 +87,7 @@ def test_signal_at_any_moment_exits_non_zero_cleanly(tmp_path, delay_s):
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_same_number_of_steps(tmp_path):
     run_dir = tmp_path / "run"
     epochs = 6
@@ -109,60 +110,6 @@ def test_resume_ends_with_the_same_number_of_steps(tmp_path):
     assert metrics["status"] == "finished"
     assert metrics["train"]["optimizer_steps"] == epochs * STEPS_PER_EPOCH
     assert metrics["train"]["resumed_from"]
-
-
-GOOD_LINE = json.dumps({"goal": "Keep bread fresh", "sol1": "Seal it in a bag", "sol2": "Leave it in the sun"})
-
-
-def data_dir_with(tmp_path: Path, valid_lines: list[str], valid_labels: list[str]) -> str:
-    directory = tmp_path / "data"
-    directory.mkdir()
-    (directory / "train.jsonl").write_text((GOOD_LINE + "\n") * 40)
-    (directory / "train-labels.lst").write_text("0\n" * 40)
-    (directory / "valid.jsonl").write_text("".join(line + "\n" for line in valid_lines))
-    (directory / "valid-labels.lst").write_text("".join(label + "\n" for label in valid_labels))
-    return str(directory)
-
-
-BAD_INPUTS = {
-    "malformed JSON": (lambda t: ["--data-dir", data_dir_with(t, ["{oops"], ["0"])], "valid.jsonl:1: malformed JSON"),
-    "missing field": (lambda t: ["--data-dir", data_dir_with(t, [GOOD_LINE, '{"goal": "g", "sol1": "a"}'], ["0", "1"])],
-                      "valid.jsonl:2: missing or non-text field 'sol2'"),
-    "bad label": (lambda t: ["--data-dir", data_dir_with(t, [GOOD_LINE], ["yes"])], "valid-labels.lst:1: label must be 0 or 1"),
-    "label count": (lambda t: ["--data-dir", data_dir_with(t, [GOOD_LINE, GOOD_LINE], ["0"])], "1 labels for 2 examples"),
-    "empty split": (lambda t: ["--data-dir", data_dir_with(t, [], [])], "the validation split is empty"),
-    "missing file": (lambda t: ["--data-dir", str(t)], "valid.jsonl: file not found"),
-    "too many samples": (lambda t: ["--eval-samples", "5000"], "asked for 5000 examples but only 40 exist"),
-    "no such model": (lambda t: ["--model", str(t / "nowhere")], "no such file or directory"),
-    "dir without model": (lambda t: ["--model", str(t)], "the directory holds no model"),
-    "not a gguf": (lambda t: ["--model", str(write(t / "fake.gguf", b"not gguf"))], "not a GGUF file"),
-    "hub offline": (lambda t: ["--model", "meta-llama/Llama-3.2-1B"], "could not load it from the Hugging Face Hub"),
-    "zero batch": (lambda t: ["--batch-size", "0"], "--batch-size must be greater than 0"),
-    "negative lr": (lambda t: ["--learning-rate", "-0.1"], "--learning-rate must be greater than 0"),
-    "zero epochs": (lambda t: ["--num-train-epochs", "0"], "--num-train-epochs must be greater than 0"),
-    "zero eval samples": (lambda t: ["--eval-samples", "0"], "--eval-samples must be greater than 0"),
-}
-
-
-def write(path: Path, content: bytes) -> Path:
-    path.write_bytes(content)
-    return path
-
-
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_gets_one_clear_line_and_destroys_nothing(tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # run() narrows it to one GPU; undone afterwards
-    make_argv, message = BAD_INPUTS[case]
-    run_dir = tmp_path / "out"
-    run_dir.mkdir()
-    (run_dir / "keep.txt").write_text("earlier work")
-    code = run(baseline.PROFILE, ["--smoke", *make_argv(tmp_path), "--output-dir", str(run_dir), "--overwrite"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err
-    assert err.strip().count("\n") == 0 and err.startswith("error: ")
-    assert (run_dir / "keep.txt").read_text() == "earlier work"
 
 
 def test_cuda_visible_devices_naming_no_gpu_is_refused(tmp_path):
@@ -188,7 +135,7 @@ def test_access_tokens_never_reach_disk_or_logs(tmp_path):
     env_token, cli_token = "hf_FakeEnvToken0123456789", "hf_FakeCliToken9876543210"
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir), "--token", cli_token],
+        [sys.executable, "modified.py", "--smoke", "--train-samples", "8", "--output-dir", str(run_dir), "--token", cli_token],
         cwd=ROOT, env={**ENV, "HF_TOKEN": env_token}, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -200,6 +147,7 @@ def test_access_tokens_never_reach_disk_or_logs(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["experiment"]["token"] == "<redacted>"
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_and_predictions(tmp_path):
     outputs = []
     for name in ("a", "b"):

@@ -1,0 +1,135 @@
+"""The command line of both scripts: arguments from dataclasses, from the command line or a JSON file first.
+
+Every mistake ends in one `error: ...` line on stderr and exit code 2: no traceback, no usage block, and no
+abbreviations (`--eval-sample` is not taken for `--eval-samples`). Help spells options as the README does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from transformers import HfArgumentParser
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--data-dir DATA_DIR`, not `--data_dir DATA_DIR, --data-dir DATA_DIR`; a flag as `--smoke`; each default once."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        name = max(action.option_strings, key=lambda option: ("-" in option[2:], len(option)))
+        if action.nargs in ("?", 0):  # HfArgumentParser's booleans: `--smoke` alone means true
+            return name
+        return f"{name} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line and exit 2, without abbreviation matching."""
+
+    def __init__(self, dataclass_types: Sequence[type], description: str | None = None, prog: str | None = None):
+        prog = prog or Path(sys.argv[0]).name
+        super().__init__(
+            dataclass_types, prog=prog, description=description, allow_abbrev=False, formatter_class=HelpFormatter,
+            usage=f"python3 {prog} [CONFIG.json] [--option VALUE ...]   (--help lists every option)",
+        )
+        self.source: str | None = None  # a config file the arguments being parsed came from, named in errors
+
+    def error(self, message: str) -> NoReturn:
+        # argparse names an option by all its spellings ("argument --batch_size/--batch-size: ..."): keep the README's.
+        message = re.sub(r"argument (?:--[\w]+/)?(--[\w-]+)", r"\1", message)
+        # A switch takes an optional value, so `--smoke config.json` reaches here with the file as the value.
+        if switch := re.match(r"(--[\w-]+): Truthy value expected: got (.+?) but expected", message):
+            flag, value = switch.groups()
+            message = (self.json_first(value) if value.endswith(".json")
+                       else f"{flag} is a switch: give it alone, or followed by true or false (got {value!r})")
+        where = f"{self.source}: " if self.source else ""
+        self.exit(2, f"error: {where}{message}\n")
+
+    def json_first(self, path: str) -> str:
+        return f"{path}: a JSON config file must come first (python3 {self.prog} {path} [--option VALUE ...])"
+
+    def option_names(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings if "_" not in option]
+
+    def did_you_mean(self, name: str, as_key: bool = False) -> str:
+        close = difflib.get_close_matches(name.replace("_", "-"), self.option_names(), n=1, cutoff=0.6)
+        if not close:
+            return " (--help lists every option)"
+        return f" (did you mean {close[0][2:].replace('-', '_')!r}?)" if as_key else f" (did you mean {close[0]}?)"
+
+    def parse(self, tokens: list[str]) -> tuple:
+        *parsed, remaining = self.parse_args_into_dataclasses(
+            args=tokens, return_remaining_strings=True, look_for_args_file=False
+        )
+        if remaining:
+            options = [token.split("=", 1)[0] for token in remaining if token.startswith("-")]
+            if options:
+                self.error(f"unknown option {options[0]}{self.did_you_mean(options[0])}")
+            if remaining[0].endswith(".json"):
+                self.error(self.json_first(remaining[0]))
+            self.error(f"unexpected value {remaining[0]!r} (every value follows its --option)")
+        return tuple(parsed)
+
+    def config_file_tokens(self, path: Path) -> list[str]:
+        """The file's keys and values as command-line tokens, so they are checked and converted as typed ones are."""
+        if not path.is_file():
+            self.error(f"{path}: config file not found")
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            self.error(f"{path}: not valid JSON ({err})")
+        if not isinstance(values, dict):
+            self.error(f"{path}: expected a JSON object of option names and values, e.g. {{\"seed\": 7}}")
+        actions = {action.dest: action for action in self._actions if action.option_strings}
+        tokens = []
+        for key, value in values.items():
+            dest = str(key).replace("-", "_")
+            if dest not in actions or dest == "help":
+                self.error(f"{path}: unknown key {key!r}{self.did_you_mean('--' + dest, as_key=True)}")
+            if value is None and actions[dest].default is None:
+                continue
+            if isinstance(value, bool):
+                value = str(value).lower()
+            elif not isinstance(value, (int, float, str)):
+                self.error(f"{path}: {key}: expected a number, text, true or false, got {json.dumps(value)}")
+            tokens.append(f"--{dest}={value}")  # `=`: a value that starts with "-" is not taken for an option
+        return tokens
+
+
+def parse_command_line(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    smoke_defaults: dict | None = None,
+    description: str | None = None,
+    prog: str | None = None,
+) -> tuple:
+    """One instance per dataclass, from `[CONFIG.json] [--option VALUE ...]` (the command line wins over the file).
+
+    With `--smoke` (given either way) `smoke_defaults` replace the defaults; anything given explicitly still wins.
+    """
+    parser = ArgumentParser(dataclass_types, description, prog)
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    if tokens and tokens[0].endswith(".json") and not tokens[0].startswith("-"):
+        file_tokens = parser.config_file_tokens(Path(tokens[0]))
+        parser.source = tokens[0]
+        parser.parse(file_tokens)  # errors in the file name the file
+        parser.source = None
+        tokens = file_tokens + tokens[1:]
+    parsed = parser.parse(tokens)
+    if smoke_defaults and any(getattr(instance, "smoke", False) for instance in parsed):
+        parser.set_defaults(**smoke_defaults)
+        parsed = parser.parse(tokens)
+    return parsed
