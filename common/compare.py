@@ -631,27 +631,53 @@ def _save(fig: Any, out_dir: Path, name: str) -> str:
     return name
 
 
+PHASE_SHADES = {"eval": "tab:blue", "train": "tab:orange", "select": "tab:green"}
+
+
+def phase_spans(samples: Sequence[GpuSample]) -> list[tuple[str, float, float]]:
+    """(phase, start s, end s) for each stretch of consecutive samples in one phase; a stretch ends at the next."""
+    spans: list[tuple[str, float, float]] = []
+    for sample in sorted(samples, key=lambda s: s.elapsed_s):
+        if spans and spans[-1][0] == sample.phase:
+            spans[-1] = (sample.phase, spans[-1][1], sample.elapsed_s)
+        else:
+            if spans:
+                spans[-1] = (spans[-1][0], spans[-1][1], sample.elapsed_s)
+            spans.append((sample.phase, sample.elapsed_s, sample.elapsed_s))
+    return spans
+
+
 def plot_gpu_memory(runs: Sequence[Run], out_dir: Path) -> Plot:
+    """One panel per run (their clocks differ), its train, select and eval phases shaded."""
     title = "GPU memory used (NVML) over time"
     missing = [r.label for r in runs if not r.gpu_samples]
     note = f"no GPU samples in {', '.join(missing)}" if missing else ""
     if len(missing) == len(runs):
         return Plot(title, None, note + " (CPU run, or GPU monitoring off): plot skipped")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for index, run in enumerate(runs):
+    shown = [r for r in runs if r.gpu_samples]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.2 + 2.3 * len(shown)), sharex=True, sharey=True,
+                             squeeze=False)
+    for index, (run, ax) in enumerate(zip(shown, axes[:, 0])):
+        shaded = set()
+        for phase, start_s, end_s in phase_spans(run.gpu_samples):
+            ax.axvspan(start_s, end_s, color=PHASE_SHADES.get(phase, "tab:gray"), alpha=0.12, linewidth=0,
+                       label=f"phase: {phase}" if phase not in shaded else None)
+            shaded.add(phase)
         gpus = sorted({s.gpu for s in run.gpu_samples})
         for g, gpu in enumerate(gpus):
             points = [(s.elapsed_s, s.mem_used_mib) for s in run.gpu_samples if s.gpu == gpu]
-            label = run.label if len(gpus) == 1 else f"{run.label} {gpu}"
             style = run_style(index)
             # Several GPUs of one run: the run's colour and line, a marker of its own per GPU.
             style["marker"] = None if len(gpus) == 1 else RUN_MARKERS[g % len(RUN_MARKERS)]
-            ax.plot(*zip(*points), **style, label=label, linewidth=1.4, markevery=max(1, len(points) // 12))
-    ax.set(title=title, xlabel="time since monitoring started (s)", ylabel="device memory used (MiB)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
+            ax.plot(*zip(*points), **style, label=run.label if len(gpus) == 1 else f"{run.label} {gpu}",
+                    linewidth=1.4, markevery=max(1, len(points) // 12))
+        ax.set(ylabel="used (MiB)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("time since the run's monitoring started (s)")
     return Plot(title, _save(fig, out_dir, "compare_gpu_memory.png"), note)
 
 

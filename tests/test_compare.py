@@ -183,6 +183,13 @@ def test_gpu_memory_plot_from_monitor_logs(smoke_runs: tuple[Path, Path], tmp_pa
     assert table_row(md, "memory saved, GPU peak used (NVML), train (%)") == ["+50.0%"]
 
 
+def test_phase_spans_cover_each_stretch_of_one_phase_until_the_next_begins() -> None:
+    samples = [compare.GpuSample(t, phase, "GPU0", 1.0) for t, phase in
+               [(0.0, "eval"), (1.0, "eval"), (2.0, "train"), (3.0, "train"), (4.0, "select"), (5.0, "train")]]
+    assert compare.phase_spans(samples) == [("eval", 0.0, 2.0), ("train", 2.0, 4.0), ("select", 4.0, 5.0),
+                                            ("train", 5.0, 5.0)]
+
+
 class _FakeNvml:
     """Just enough NVML for GpuMonitor: one GPU whose used memory the test sets before each sample."""
 
