@@ -1,4 +1,4 @@
-"""Training speed and memory of the profiles on one GPU (or N with --nproc), through the experiment's own code path.
+"""Training speed and memory of the profiles and the engine's settings on one GPU (or N with --nproc), through the experiment's own code path.
 
     python3 -m common.benchmark                          # every configuration + evaluation speed, one GPU
     python3 -m common.benchmark --configs baseline,modified --steps 10
@@ -7,8 +7,9 @@
     python3 -m common.benchmark --configs modified --nproc 2 --fsdp   # FSDP: accelerate launch with common/fsdp.yaml
     python3 -m common.benchmark --measure-lengths --tokenizer DIR/FILE.gguf --data-dir DIR   # rebuild piqa_lengths.json
 
-Each configuration is a `Profile` (baseline.py's and modified.py's own PROFILE, or one derived from them with
-`dataclasses.replace`) turned into TrainingArguments by `build_training_arguments`, run by the HF Trainer with
+Each configuration is a profile (common/profiles.py: baseline's fp32 or modified's mixed) and an engine
+(`EngineArguments`: the shared defaults, or the grid's rows that add them one at a time to the HF Trainer's
+defaults), set up as a run sets them up and turned into TrainingArguments by `build_training_arguments`, run by the HF Trainer with
 evaluation and checkpoints turned off, on the random-weight Llama-3.2-1B (`llama-3.2-1b-random`, no download),
 with the project's `PadToLongest` collator. The batches are synthetic token ids whose lengths follow PIQA's
 (`common/piqa_lengths.json`, measured with a real BPE tokenizer); the loss is on the answer part only.
