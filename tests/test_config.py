@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import baseline
 import modified
-import torch
-
 from common import profiles
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, redact
 from common.training import autocast_dtype, build_training_arguments, training_argument_values

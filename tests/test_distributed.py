@@ -75,10 +75,11 @@ def test_fsdp_sharded_model_evaluates_and_saves_a_loadable_model(tmp_path):
     """FSDP2 on two CPU processes: evaluation across ranks finishes (ranks that ran different numbers of evaluation
     passes would hang here), the full state dict gathers, and the saved model loads back and scores as the sharded
     one did."""
+    from transformers import AutoModelForCausalLM
+
     from common.data import load_split
     from common.evaluation import evaluate
     from common.models import load_tokenizer
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "fsdp_model"
     done = torchrun_worker("fsdp_worker.py", out)
