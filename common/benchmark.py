@@ -436,7 +436,6 @@ def run_config(
     """
     import torch
     from transformers import Trainer
-    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     from common.data import PadToLongest
     from common.distributed import parallelism, world_size
@@ -473,15 +472,7 @@ def run_config(
 
     run_dir = tempfile.mkdtemp(prefix="bench-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in config.name))
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
-    training_args = build_training_arguments(experiment, engine, config.profile, run_dir)
-    # The benchmark times training alone: no evaluation, no checkpoints, no reporting integrations.
-    training_args.eval_strategy = IntervalStrategy.NO
-    training_args.save_strategy = SaveStrategy.NO
-    training_args.load_best_model_at_end = False
-    training_args.metric_for_best_model = None
-    training_args.report_to = []
-    training_args.disable_tqdm = True
-    training_args.logging_first_step = False
+    training_args = build_training_arguments(experiment, engine, config.profile, run_dir, timing_only=True)
 
     collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=config.engine.pad_to_multiple_of))
     timer = make_step_timer(warmup_steps, timed_steps, max_measure_s)

@@ -21,11 +21,10 @@ from typing import Any, Callable, Sequence
 
 from scipy.stats import binom, norm
 
+from common import artifacts
+from common.artifacts import CONFIG, GPU_LOG, METRICS, PHASES
+
 REPORT_NAME = "compare.md"
-METRICS_NAME = "metrics.json"
-CONFIG_NAME = "config.json"
-GPU_LOG_NAME = "densenetsmi.txt"  # written by common/monitor.py
-PHASES = ("zero_shot", "fine_tuned")
 PHASE_TITLES = {"zero_shot": "zero-shot", "fine_tuned": "fine-tuned"}
 TORCH_PHASE_TITLES = {"train": "train", "eval_zero_shot": "zero-shot eval", "eval": "fine-tuned eval"}
 ALPHA = 0.05  # significance level of every test in the report
@@ -76,25 +75,25 @@ def load_run(path: Path, label: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise NotARunError(f"{path}: not a directory")
-    has_any = any((path / name).is_file() for name in (METRICS_NAME, GPU_LOG_NAME, CONFIG_NAME))
+    has_any = any((path / name).is_file() for name in (METRICS, GPU_LOG, CONFIG))
     if not has_any:
         raise NotARunError(
-            f"{path}: not a run directory (no {METRICS_NAME}, {GPU_LOG_NAME} or {CONFIG_NAME}); "
+            f"{path}: not a run directory (no {METRICS}, {GPU_LOG} or {CONFIG}); "
             "give the directories baseline.py / modified.py wrote, e.g. runs/baseline"
         )
     notes: list[str] = []
-    metrics = _read_json(path / METRICS_NAME, notes, "no timing, accuracy, training or memory numbers")
-    config = _read_json(path / CONFIG_NAME, notes, "experiment settings unknown")
+    metrics = _read_json(path / METRICS, notes, "no timing, accuracy, training or memory numbers")
+    config = _read_json(path / CONFIG, notes, "experiment settings unknown")
     status = metrics.get("status")
     if metrics and status is None:
-        notes.append(f"{METRICS_NAME} has no 'status': whether the run finished is unknown")
+        notes.append(f"{METRICS} has no 'status': whether the run finished is unknown")
     elif metrics and status != "finished":
         why = STATUS_MEANING.get(status, "the run did not finish")
         notes.append(f"status is {status!r}, not 'finished': {why}; its numbers cover only what it completed")
     for section in ("timing", "train", "accuracy", "memory"):
         if metrics and section not in metrics:
-            notes.append(f"{METRICS_NAME} has no '{section}' section")
-    gpu_samples = _read_gpu_log(path / GPU_LOG_NAME, notes)
+            notes.append(f"{METRICS} has no '{section}' section")
+    gpu_samples = _read_gpu_log(path / GPU_LOG, notes)
     predictions = _read_all_predictions(path, metrics, config, notes)
     return Run(path, label or path.name, metrics, config, gpu_samples, predictions, notes)
 
@@ -117,13 +116,13 @@ def _read_json(path: Path, notes: list[str], consequence: str) -> dict[str, Any]
 def _read_gpu_log(path: Path, notes: list[str]) -> list[GpuSample]:
     """Rows of densenetsmi.txt: '#' comment lines, then CSV with a header row."""
     if not path.is_file():
-        notes.append(f"{GPU_LOG_NAME} missing: no GPU memory over time")
+        notes.append(f"{GPU_LOG} missing: no GPU memory over time")
         return []
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     off_reason = next((line[2:] for line in lines if line.startswith("# GPU monitoring off")), None)
     stopped = next((line[2:] for line in lines if line.startswith("# GPU monitoring stopped")), None)
     if stopped:
-        notes.append(f"{GPU_LOG_NAME}: {stopped}; the samples end there")
+        notes.append(f"{GPU_LOG}: {stopped}; the samples end there")
     samples = []
     for row in csv.DictReader(line for line in lines if not line.startswith("#")):
         try:
@@ -133,7 +132,7 @@ def _read_gpu_log(path: Path, notes: list[str]) -> list[GpuSample]:
         except (KeyError, TypeError, ValueError):
             continue  # a row cut short by a killed run
     if not samples:
-        notes.append(f"{GPU_LOG_NAME} has no GPU samples" + (f" ({off_reason})" if off_reason else ""))
+        notes.append(f"{GPU_LOG} has no GPU samples" + (f" ({off_reason})" if off_reason else ""))
     return samples
 
 
@@ -148,16 +147,12 @@ def _expected_predictions(metrics: dict[str, Any], config: dict[str, Any]) -> li
     return expected + [pm for pm in reported if pm not in expected]
 
 
-def predictions_file(phase: str, method: str) -> str:
-    return f"predictions_{phase}{'' if method == 'loglik' else '_' + method}.jsonl"
-
-
 def _read_all_predictions(
     path: Path, metrics: dict[str, Any], config: dict[str, Any], notes: list[str]
 ) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
     found = {}
     for phase, method in _expected_predictions(metrics, config):
-        file = path / predictions_file(phase, method)
+        file = path / artifacts.predictions(phase, method)
         if not file.is_file():
             notes.append(f"{file.name} missing: no paired test for {PHASE_TITLES[phase]} {method}")
             continue
@@ -509,7 +504,7 @@ def comparisons(runs: Sequence[Run]) -> tuple[list[Comparison], list[str]]:
                     missing = first if a is None else run
                     skipped.append(
                         f"no paired test of {run.label} vs {first.label}, {PHASE_TITLES[phase]} {method}: "
-                        f"{missing.label} has no {predictions_file(phase, method)}"
+                        f"{missing.label} has no {artifacts.predictions(phase, method)}"
                     )
             for method, key, name in MEASURES:
                 what = f"{run.label} vs {first.label}, {PHASE_TITLES[phase]} {method} {name}"

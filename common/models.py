@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from common import hub
+from common import artifacts, hub
 
 SMOKE_MODEL = "smoke"  # --model value (and what --smoke selects): tiny random Llama, byte-level tokenizer
 LLAMA_3_2_1B_RANDOM = "llama-3.2-1b-random"  # --model value: Llama-3.2-1B's shapes, random weights, no download
-LLAMA_3_2_1B_PARAMETERS = 1_235_814_400
 
 
 class ModelLoadError(RuntimeError):
@@ -127,11 +126,12 @@ def resolve_model_argument(model: str) -> tuple[str, str | None]:
     if not path.exists():
         missing = next(p for p in reversed([path, *path.parents]) if not p.exists())
         raise ModelLoadError(f"--model {model}: no such file or directory ({missing} does not exist)")
-    is_run_dir = (path / "metrics.json").is_file() or (path / "final_model").is_dir()
+    is_run_dir = (path / artifacts.METRICS).is_file() or (path / artifacts.FINAL_MODEL).is_dir()
     if path.is_dir() and is_run_dir:
-        if (path / "final_model" / "config.json").is_file():
-            return str(path / "final_model"), f"--model {model} is a run directory: using {path / 'final_model'}"
-        saved = sorted(path.glob("checkpoint-*/config.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+        if (path / artifacts.FINAL_MODEL / "config.json").is_file():
+            final = path / artifacts.FINAL_MODEL
+            return str(final), f"--model {model} is a run directory: using {final}"
+        saved = [c / "config.json" for c in artifacts.checkpoints(path) if (c / "config.json").is_file()]
         advice = (f"pass one of its checkpoints, e.g. --model {saved[-1].parent}" if saved
                   else "it holds no checkpoint either: pass a model directory, .gguf file or Hub id")
         raise ModelLoadError(f"--model {model}: a run directory without final_model/ (the run did not finish); {advice}")

@@ -20,26 +20,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-MIB = 1024**2
-LOG_NAME = "densenetsmi.txt"
-PMON_NAME = "pmon.txt"
-PMON_STOP_TIMEOUT_S = 5.0  # SIGTERM, then this long, then SIGKILL
+from common.artifacts import GPU_LOG_COLUMNS, PMON_LOG
 
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("time", "wall-clock time, ISO 8601 with UTC offset"),
-    ("elapsed_s", "seconds since monitoring started"),
-    ("phase", "train or eval (what the run was doing)"),
-    ("gpu", "CUDA device index in this process (torch's cuda:N)"),
-    ("nvml_index", "index of the same GPU in NVML and nvidia-smi"),
-    ("name", "GPU name"),
-    ("mem_used_mib", "device memory in use, all processes + driver, MiB (2^20 bytes)"),
-    ("mem_total_mib", "device memory total, MiB"),
-    ("mem_used_pct", "mem_used_mib / mem_total_mib, %"),
-    ("gpu_util_pct", "share of the driver's last sample period with a kernel running, %"),
-    ("memctl_util_pct", "share of that period the memory controller was busy, % (NOT memory in use)"),
-    ("power_w", "board power draw, W (empty: not supported)"),
-    ("proc_mem_used_mib", "this process's own device memory, MiB (empty: not reported, e.g. other PID namespace)"),
-)
+MIB = 1024**2
+PMON_STOP_TIMEOUT_S = 5.0  # SIGTERM, then this long, then SIGKILL
 
 
 @dataclass(frozen=True)
@@ -355,7 +339,7 @@ class GpuMonitor:
         self.print_fn(f"GPU monitoring off: {reason}")
         assert self._file is not None
         self._file.write(f"# GPU monitoring off: {reason}\n")
-        self._file.write(",".join(name for name, _ in COLUMNS) + "\n")
+        self._file.write(",".join(name for name, _ in GPU_LOG_COLUMNS) + "\n")
         self._file.flush()
         self._shutdown_nvml()
 
@@ -369,12 +353,12 @@ class GpuMonitor:
         for g in self.gpus:
             f.write(f"# {g.label} = NVML index {g.nvml_index}, {g.name}, {g.uuid}, {g.memory_total_mib:,.0f} MiB\n")
         f.write("# columns:\n")
-        width = max(len(name) for name, _ in COLUMNS)
-        for name, meaning in COLUMNS:
+        width = max(len(name) for name, _ in GPU_LOG_COLUMNS)
+        for name, meaning in GPU_LOG_COLUMNS:
             f.write(f"#   {name:<{width}}  {meaning}\n")
         f.write("# lines starting with '#' are comments; the others are CSV with a header row\n")
         self._writer = csv.writer(f, lineterminator="\n")
-        self._writer.writerow([name for name, _ in COLUMNS])
+        self._writer.writerow([name for name, _ in GPU_LOG_COLUMNS])
         f.flush()
 
     # ---- sampling ----------------------------------------------------------------------------
@@ -464,7 +448,7 @@ class GpuMonitor:
             cmd = ["nvidia-smi", "pmon", "-d", delay_s, "-s", "um", "-o", "DT"]
             if len(self.gpus) == 1:
                 cmd += ["-i", str(self.gpus[0].nvml_index)]
-        path = self.log_path.parent / PMON_NAME
+        path = self.log_path.parent / PMON_LOG
         f = path.open("w", encoding="utf-8")
         f.write(
             f"# {' '.join(cmd)}\n# pmon's 'mem' column is the % of time the memory controller was busy, "

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common import distributed, hub
+from common import artifacts, distributed, hub
 from common.config import ConfigError, Profile, parse_arguments, resolved_config
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
@@ -101,7 +101,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
             if args.overwrite:
                 clear_run_dir(run_dir)  # only now that every input has been checked
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
+            (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
         distributed.barrier()
     except USER_ERRORS as err:
         if is_main_process():
@@ -146,7 +146,7 @@ def _run_experiment(
     status = "failed"  # until the run ends normally or is interrupted
     started_s = time.perf_counter()
     metrics = MetricsFile(
-        run_dir / "metrics.json",
+        run_dir / artifacts.METRICS,
         {
             "profile": profile.name,
             "settings": asdict(profile),
@@ -164,7 +164,7 @@ def _run_experiment(
         write=is_main_process(),
     )
     torch_peaks: dict = {}
-    monitor = GpuMonitor(run_dir / "densenetsmi.txt", interval_s=args.monitor_interval, pmon=args.pmon, phase="eval")
+    monitor = GpuMonitor(run_dir / artifacts.GPU_LOG, interval_s=args.monitor_interval, pmon=args.pmon, phase="eval")
     try:
         with monitor:
             accuracy = {"n_examples": len(data.report)}
@@ -190,9 +190,9 @@ def _run_experiment(
                     if "loglik" in accuracy["fine_tuned"] else None
                 )
                 metrics.update(accuracy=accuracy)
-                trainer.save_model(str(run_dir / "final_model"))
+                trainer.save_model(str(run_dir / artifacts.FINAL_MODEL))
                 if is_main_process():
-                    tokenizer.save_pretrained(str(run_dir / "final_model"))
+                    tokenizer.save_pretrained(str(run_dir / artifacts.FINAL_MODEL))
                 # Under FSDP the save all-gathers the weights and only rank 0 waits for each transfer; a rank that
                 # exited now would take its half of the queued transfers with it and leave rank 0 waiting forever.
                 distributed.barrier()
@@ -206,7 +206,7 @@ def _run_experiment(
         nvml_summary = monitor.summary()
         metrics.update(
             memory={"nvml": nvml_summary, "torch": torch_peaks},
-            disk={"checkpoints_mib": sum(directory_size_mib(p) for p in run_dir.glob("checkpoint-*")), **disk_estimate},
+            disk={"checkpoints_mib": sum(directory_size_mib(p) for p in artifacts.checkpoints(run_dir)), **disk_estimate},
             status=status,
         )
     if is_main_process():
@@ -227,8 +227,7 @@ def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase
         results[method] = result.metrics()
         if not is_main_process():
             continue
-        suffix = "" if method == "loglik" else f"_{method}"
-        write_predictions(run_dir / f"predictions_{phase}{suffix}.jsonl", result)
+        write_predictions(run_dir / artifacts.predictions(phase, method), result)
         label = f"eval-only accuracy of {args.model}" if args.eval_only else f"{phase} accuracy"
         print(f"{label} ({method}, {result.n_examples} examples, {result.seconds:.1f} s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics().items() if k.endswith("_pct")))

@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+from common import artifacts
 from common.config import Profile
 
-METRICS_FILE = "metrics.json"
 GIB = 1024**3
 
 
@@ -16,14 +16,8 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked; the message says which flag does what."""
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The Trainer's checkpoint-<step> folders, oldest first."""
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def finished(run_dir: Path) -> bool:
-    path = run_dir / METRICS_FILE
+    path = run_dir / artifacts.METRICS
     if not path.is_file():
         return False
     try:
@@ -39,7 +33,7 @@ def is_inside(path: Path, directory: Path) -> bool:
 
 
 def looks_like_a_run(run_dir: Path) -> bool:
-    return (run_dir / METRICS_FILE).exists() or (run_dir / "config.json").exists() or bool(checkpoints(run_dir))
+    return (run_dir / artifacts.METRICS).exists() or (run_dir / artifacts.CONFIG).exists() or bool(artifacts.checkpoints(run_dir))
 
 
 def check_run_dir(
@@ -74,7 +68,7 @@ def check_run_dir(
     if not looks_like_a_run(run_dir):
         raise RunDirError(f"{run_dir}: is not empty and holds no run (no metrics.json, config.json or checkpoint-*); "
                           f"--overwrite replaces only runs: {elsewhere}.")
-    saved = checkpoints(run_dir)
+    saved = artifacts.checkpoints(run_dir)
     replace = "" if holds_model else ", or --overwrite to replace it"
     if finished(run_dir):
         if overwrite:

@@ -300,3 +300,14 @@ def test_one_run_is_not_enough(smoke_runs: tuple[Path, Path]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         compare.main([str(smoke_runs[0])])
     assert exit_info.value.code == 2
+
+
+def test_the_gpu_log_compare_reads_has_the_columns_the_monitor_writes(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """compare reads densenetsmi.txt by the column names common/artifacts.py gives the monitor."""
+    from common.artifacts import GPU_LOG, GPU_LOG_COLUMNS
+
+    run = copy_run(smoke_runs[0], tmp_path / "run")
+    write_gpu_log(run / GPU_LOG, [("train", 1000.0), ("eval", 2000.0)])
+    header = next(line for line in (run / GPU_LOG).read_text().splitlines() if not line.startswith("#"))
+    assert header.split(",") == [name for name, _ in GPU_LOG_COLUMNS]
+    assert [(s.phase, s.mem_used_mib) for s in load_run(run).gpu_samples] == [("train", 1000.0), ("eval", 2000.0)]

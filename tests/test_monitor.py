@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from common import monitor
-from common.monitor import COLUMNS, MIB, GpuMonitor, format_summary, map_visible_devices, torch_peak_memory
+from common.artifacts import GPU_LOG, GPU_LOG_COLUMNS, PMON_LOG
+from common.monitor import MIB, GpuMonitor, format_summary, map_visible_devices, torch_peak_memory
 
 UUIDS = ["GPU-aaaa1111-0000-0000-0000-000000000000", "GPU-bbbb2222-0000-0000-0000-000000000000"]
 
@@ -92,7 +93,7 @@ def make(tmp_path: Path, nvml: object, lines: list[str] | None = None, **kwargs:
     kwargs.setdefault("interval_s", 3600.0)  # the thread stays idle; tests drive samples with sample_now()
     kwargs.setdefault("console_every", 0)
     printer = lines.append if lines is not None else (lambda _line: None)
-    return GpuMonitor(tmp_path / "run" / monitor.LOG_NAME, nvml_module=nvml, print_fn=printer, **kwargs)
+    return GpuMonitor(tmp_path / "run" / GPU_LOG, nvml_module=nvml, print_fn=printer, **kwargs)
 
 
 def read_log(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -110,12 +111,12 @@ def test_log_has_described_columns_and_csv_rows_with_phase(tmp_path: Path) -> No
         mon.sample_now()
     comments, rows = read_log(mon.log_path)
     header = "\n".join(comments)
-    for name, meaning in COLUMNS:
+    for name, meaning in GPU_LOG_COLUMNS:
         assert re.search(rf"^#\s+{name}\s+\S", header, re.M), name
     assert "MiB" in header and "%" in header and ", W" in header
     assert "NOT memory in use" in header  # the memctl column can't be mistaken for memory again
     assert "GPU1 = NVML index 1, Fake H100 #1, " + UUIDS[1] in header
-    assert list(rows[0]) == [name for name, _ in COLUMNS]
+    assert list(rows[0]) == [name for name, _ in GPU_LOG_COLUMNS]
     assert len(rows) == 3 * 2
     assert [r["phase"] for r in rows] == ["train"] * 4 + ["eval"] * 2
     gpu0 = rows[0]
@@ -387,7 +388,7 @@ def test_pmon_is_stopped_on_normal_exit(tmp_path: Path) -> None:
         pid = mon.pmon_pid
         assert pid is not None
         os.kill(pid, 0)  # running
-        pmon_log = mon.log_path.parent / monitor.PMON_NAME
+        pmon_log = mon.log_path.parent / PMON_LOG
         wait_for_text(pmon_log, "fake pmon")
     assert_gone(pid)
     assert pmon_log.read_text().startswith("# " + " ".join(SLEEPER))
@@ -418,7 +419,7 @@ with GpuMonitor({log!r}, interval_s=0.01, console_every=0, nvml_module=FakeNvml(
 
 def test_ctrl_c_in_a_real_process_stops_pmon_and_closes_log(tmp_path: Path) -> None:
     tests_dir = Path(__file__).resolve().parent
-    log = tmp_path / monitor.LOG_NAME
+    log = tmp_path / GPU_LOG
     code = CTRL_C_CHILD.format(repo=str(tests_dir.parent), tests=str(tests_dir), log=str(log))
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -436,7 +437,7 @@ def test_pmon_ignoring_sigterm_is_killed(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(monitor, "PMON_STOP_TIMEOUT_S", 0.2)
     with make(tmp_path, FakeNvml(), pmon=True, pmon_cmd=IGNORES_TERM) as mon:
         pid = mon.pmon_pid
-        wait_for_text(mon.log_path.parent / monitor.PMON_NAME, "ready")
+        wait_for_text(mon.log_path.parent / PMON_LOG, "ready")
     assert pid is not None
     assert_gone(pid)
 
