@@ -19,7 +19,14 @@ class MetricsFile:
         self.enabled = write  # only rank 0 writes under torchrun
 
     def update(self, **sections) -> None:
-        self.data.update(sections)
+        """The one way metrics are recorded: each section merged into what is there (one level deep), then the
+        file rewritten."""
+        for name, value in sections.items():
+            recorded = self.data.get(name)
+            if isinstance(recorded, dict) and isinstance(value, dict):
+                recorded.update(value)
+            else:
+                self.data[name] = value
         self.write()
 
     def write(self) -> None:

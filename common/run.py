@@ -1,7 +1,8 @@
 """run(profile): the story of one experiment, the same for both scripts.
 
-arguments -> run directory guard -> data -> model -> zero-shot accuracy -> train (monitored)
--> fine-tuned accuracy -> save -> metrics.json and a summary table.
+set up (arguments, run directory guard, data, model; nothing written until every input is checked)
+-> zero-shot accuracy -> train (monitored, best epoch selected on held-out examples) -> fine-tuned accuracy
+-> final model -> metrics.json and a summary table.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from common import artifacts, distributed, hub
-from common.config import ConfigError, Profile, parse_arguments, resolved_config
+from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
-from common.evaluation import EvalResult, write_predictions
+from common.evaluation import write_predictions
 from common.models import (
     ModelLoadError,
     check_model_path,
@@ -54,55 +58,29 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+@dataclass
+class Experiment:
+    """What one run works with, set up and checked before anything is written."""
+
+    args: ExperimentArguments
+    engine: EngineArguments  # as this hardware can run it (usable_engine)
+    profile: Profile
+    autocast_dtype: torch.dtype | None  # the profile's precision for every forward pass outside the Trainer
+    run_dir: Path
+    data: ExperimentData
+    tokenizer: Any
+    model: torch.nn.Module
+    resume_from: Path | None  # the checkpoint to continue from (--resume)
+    disk_estimate: dict  # what the checkpoints will need, and what the file system has free
+
+
 def run(profile: Profile, argv: list[str] | None = None) -> int:
     """Entry point of baseline.py and modified.py; returns the process exit code."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C must stop the run cleanly even when a parent shell started it with SIGINT ignored (`cmd &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    user_visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if note := one_gpu_unless_distributed():
-        print(note)
     try:
-        args, engine = parse_arguments(argv, description=describe(profile), prog=f"{profile.name}.py")
-        distributed.init()
-        args.micro_batch_size(engine, world_size())
-        engine, engine_notes = usable_engine(engine)
-        if is_main_process():
-            for note in engine_notes:
-                print(f"note: {note}")
-        check_visible_gpus(user_visible_gpus)
-        args.model, model_note = resolve_model_argument(args.model)
-        run_dir, run_dir_note = choose_run_dir(args, profile)
-        resume_from = check_run_dir(run_dir, args.overwrite, args.resume, args.model, args.eval_only)
-        check_model_path(args.model)
-        for note in (model_note, run_dir_note):
-            if note and is_main_process():
-                print(note)
-        hub.check_reachable(hub_needs(args))
-        data = build_experiment_data(
-            args.data_dir,
-            args.smoke,
-            args.train_samples,
-            args.selection_samples,
-            args.eval_sample_count(),
-            args.seed,
-            need_train=not args.eval_only,
-        )
-        tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
-        model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
-        apply_engine_to_model(model, engine)
-        disk_estimate = {}
-        if not args.eval_only and not resume_from:
-            disk_estimate = check_disk(
-                run_dir, count_parameters(model), profile, engine.optim, math.ceil(args.num_train_epochs)
-            )
-        distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
-        if is_main_process():
-            if args.overwrite:
-                clear_run_dir(run_dir)  # only now that every input has been checked
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
-        distributed.barrier()
+        experiment = set_up(profile, argv)
     except USER_ERRORS as err:
         if is_main_process():
             print(f"error: {err}", file=sys.stderr)
@@ -110,7 +88,48 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted while setting up: nothing was written", file=sys.stderr)
         return 130
-    return _run_experiment(args, engine, profile, run_dir, data, model, tokenizer, resume_from, disk_estimate)
+    return carry_out(experiment)
+
+
+def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
+    """Every input checked, data and model loaded; only then is the run directory cleared and config.json written."""
+    user_visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if note := one_gpu_unless_distributed():
+        print(note)
+    args, engine = parse_arguments(argv, description=describe(profile), prog=f"{profile.name}.py")
+    distributed.init()
+    args.micro_batch_size(engine, world_size())
+    engine, notes = usable_engine(engine)
+    check_visible_gpus(user_visible_gpus)
+    args.model, model_note = resolve_model_argument(args.model)
+    run_dir, run_dir_note = choose_run_dir(args, profile)
+    resume_from = check_run_dir(run_dir, args.overwrite, args.resume, args.model, args.eval_only)
+    check_model_path(args.model)
+    if is_main_process():
+        for note in notes:
+            print(f"note: {note}")
+        for note in (model_note, run_dir_note):
+            if note:
+                print(note)
+    hub.check_reachable(hub_needs(args))
+    data = build_experiment_data(args.data_dir, args.smoke, args.train_samples, args.selection_samples,
+                                 args.eval_sample_count(), args.seed, need_train=not args.eval_only)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
+    model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
+    apply_engine_to_model(model, engine)
+    disk_estimate = {}
+    if not args.eval_only and not resume_from:
+        epochs = math.ceil(args.num_train_epochs)
+        disk_estimate = check_disk(run_dir, count_parameters(model), profile, engine.optim, epochs)
+    distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
+    if is_main_process():
+        if args.overwrite:
+            clear_run_dir(run_dir)  # only now that every input has been checked
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
+    distributed.barrier()
+    return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
+                      disk_estimate)
 
 
 def describe(profile: Profile) -> str:
@@ -140,133 +159,137 @@ def hub_needs(args) -> dict[str, str]:
     return needs
 
 
-def _run_experiment(
-    args, engine, profile, run_dir, data: ExperimentData, model, tokenizer, resume_from, disk_estimate
-) -> int:
-    status = "failed"  # until the run ends normally or is interrupted
+def carry_out(experiment: Experiment) -> int:
+    """The experiment itself, monitored; metrics.json is rewritten after every phase, also when interrupted."""
+    args, run_dir = experiment.args, experiment.run_dir
     started_s = time.perf_counter()
-    metrics = MetricsFile(
-        run_dir / artifacts.METRICS,
-        {
-            "profile": profile.name,
-            "settings": asdict(profile),
-            "engine": asdict(engine),
-            "model": args.model,
-            "parameters": count_parameters(model),
-            "environment": environment(),
-            "data": {
-                "train_examples": len(data.train),
-                "selection_examples": len(data.selection),
-                "reported_examples": len(data.report),
-            },
-            "world_size": world_size(),
-        },
-        write=is_main_process(),
-    )
+    metrics = MetricsFile(run_dir / artifacts.METRICS, run_record(experiment), write=is_main_process())
     torch_peaks: dict = {}
     monitor = GpuMonitor(run_dir / artifacts.GPU_LOG, interval_s=args.monitor_interval, pmon=args.pmon, phase="eval")
+    status = "failed"  # until the run ends normally or is interrupted
     try:
         with monitor:
-            accuracy = {"n_examples": len(data.report)}
             with torch_peak_memory("eval_zero_shot", torch_peaks):
-                accuracy["zero_shot"] = _report_accuracy(args, profile, model, tokenizer, data, run_dir, "zero_shot")
-            metrics.update(accuracy=accuracy)
-
+                report_accuracy(experiment, "zero_shot", metrics)
             if not args.eval_only:
                 monitor.set_phase("train")
                 with torch_peak_memory("train", torch_peaks):
-                    trainer = _train(
-                        args, engine, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics
-                    )
+                    trainer = train(experiment, monitor, metrics)
                 torch_peaks["train"] = trainer.peaks.training_peaks(torch_peaks["train"])
                 if torch_peaks["train"].get("max_allocated_mib") is not None:
                     torch_peaks["select"] = trainer.peaks.select
-                model = trainer.model
+                experiment.model = trainer.model
                 monitor.set_phase("eval")
                 with torch_peak_memory("eval", torch_peaks, empty_cache=True):
-                    accuracy["fine_tuned"] = _report_accuracy(args, profile, model, tokenizer, data, run_dir, "fine_tuned")
-                accuracy["change_acc_pts"] = (
-                    accuracy["fine_tuned"]["loglik"]["acc_pct"] - accuracy["zero_shot"]["loglik"]["acc_pct"]
-                    if "loglik" in accuracy["fine_tuned"] else None
-                )
-                metrics.update(accuracy=accuracy)
-                trainer.save_model(str(run_dir / artifacts.FINAL_MODEL))
-                if is_main_process():
-                    tokenizer.save_pretrained(str(run_dir / artifacts.FINAL_MODEL))
-                # Under FSDP the save all-gathers the weights and only rank 0 waits for each transfer; a rank that
-                # exited now would take its half of the queued transfers with it and leave rank 0 waiting forever.
-                distributed.barrier()
+                    report_accuracy(experiment, "fine_tuned", metrics)
+                save_final_model(experiment, trainer)
         status = "finished"
     except KeyboardInterrupt as interrupt:
         status = "interrupted"
         print(f"\ninterrupted ({'SIGTERM' if isinstance(interrupt, Terminated) else 'Ctrl-C'}): "
               "partial results in metrics.json", file=sys.stderr)
     finally:
-        metrics.data.setdefault("timing", {})["wall_s"] = time.perf_counter() - started_s
-        nvml_summary = monitor.summary()
+        checkpoints_mib = sum(directory_size_mib(p) for p in artifacts.checkpoints(run_dir))
         metrics.update(
-            memory={"nvml": nvml_summary, "torch": torch_peaks},
-            disk={"checkpoints_mib": sum(directory_size_mib(p) for p in artifacts.checkpoints(run_dir)), **disk_estimate},
+            timing={"wall_s": time.perf_counter() - started_s},
+            memory={"nvml": monitor.summary(), "torch": torch_peaks},
+            disk={"checkpoints_mib": checkpoints_mib, **experiment.disk_estimate},
             status=status,
         )
     if is_main_process():
-        print(f"\n== {profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
-        print(format_summary(nvml_summary, torch_peaks))
+        print(f"\n== {experiment.profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
+        print(format_summary(metrics.data["memory"]["nvml"], torch_peaks))
     return 0 if status == "finished" else 130
 
 
-def _report_accuracy(args, profile, model, tokenizer, data, run_dir: Path, phase: str) -> dict:
+def run_record(experiment: Experiment) -> dict:
+    """What metrics.json says about the run before it starts: settings, model, data sizes, machine."""
+    data = experiment.data
+    return {
+        "profile": experiment.profile.name,
+        "settings": asdict(experiment.profile),
+        "engine": asdict(experiment.engine),
+        "model": experiment.args.model,
+        "parameters": count_parameters(experiment.model),
+        "environment": environment(),
+        "data": {"train_examples": len(data.train), "selection_examples": len(data.selection),
+                 "reported_examples": len(data.report)},
+        "world_size": world_size(),
+    }
+
+
+def report_accuracy(experiment: Experiment, phase: str, metrics: MetricsFile) -> None:
     """Accuracy on the reported validation examples, one or both methods; predictions per example."""
+    args = experiment.args
     methods = ["loglik", "generate"] if args.eval_method == "both" else [args.eval_method]
     results = {}
     for method in methods:
-        result: EvalResult = evaluate_on_all_ranks(
-            model, tokenizer, data.report, method=method, batch_size=args.eval_batch_size,
-            autocast_dtype=autocast_dtype(profile), progress=is_main_process(),
+        result = evaluate_on_all_ranks(
+            experiment.model, experiment.tokenizer, experiment.data.report, method=method,
+            batch_size=args.eval_batch_size, autocast_dtype=experiment.autocast_dtype, progress=is_main_process(),
         )
         results[method] = result.metrics()
         if not is_main_process():
             continue
-        write_predictions(run_dir / artifacts.predictions(phase, method), result)
+        write_predictions(experiment.run_dir / artifacts.predictions(phase, method), result)
         label = f"eval-only accuracy of {args.model}" if args.eval_only else f"{phase} accuracy"
         print(f"{label} ({method}, {result.n_examples} examples, {result.seconds:.1f} s): "
               + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics().items() if k.endswith("_pct")))
-    return results
+    accuracy = {"n_examples": len(experiment.data.report), phase: results}
+    if phase == "fine_tuned":
+        before = metrics.data["accuracy"]["zero_shot"]
+        accuracy["change_acc_pts"] = (results["loglik"]["acc_pct"] - before["loglik"]["acc_pct"]
+                                      if "loglik" in results else None)
+    metrics.update(accuracy=accuracy)
 
 
-def _train(args, engine, profile, run_dir, data, model, tokenizer, resume_from, monitor, metrics) -> PiqaTrainer:
-    features, truncated = tokenize_examples(data.train, tokenizer, args.max_length)
+def train(experiment: Experiment, monitor: GpuMonitor, metrics: MetricsFile) -> PiqaTrainer:
+    """The Trainer on the training examples; each epoch ends with accuracy on the selection examples."""
+    args, engine, tokenizer = experiment.args, experiment.engine, experiment.tokenizer
+    features, truncated = tokenize_examples(experiment.data.train, tokenizer, args.max_length)
     if truncated:
         print(f"note: --max-length {args.max_length} cut {truncated} of {len(features)} training examples")
     trainer = PiqaTrainer(
-        model=model,
-        args=build_training_arguments(args, engine, profile, str(run_dir)),
+        model=experiment.model,
+        args=build_training_arguments(args, engine, experiment.profile, str(experiment.run_dir)),
         train_dataset=features,  # a list of dicts: datasets is needed only to read PIQA from the Hub
         data_collator=PadToLongest(tokenizer.pad_token_id, engine.pad_to_multiple_of),
         processing_class=tokenizer,
-        eval_dataset=data.selection,
+        eval_dataset=experiment.data.selection,
         eval_batch_size=args.eval_batch_size,
-        eval_autocast_dtype=autocast_dtype(profile),
+        eval_autocast_dtype=experiment.autocast_dtype,
         on_phase=monitor.set_phase,
     )
     configure_ddp_communication(trainer, engine)
+    resume_from = experiment.resume_from
     tokens_before = _tokens_seen_before(resume_from)  # read now: checkpoint rotation may delete it
     if resume_from:
         print(f"resuming from {resume_from}")
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
-        _record_training(metrics, trainer, truncated, resume_from)
+        metrics.update(train=training_record(trainer, truncated, resume_from))
     runtime_s = output.metrics["train_runtime"]
     session_tokens = trainer.state.num_input_tokens_seen - tokens_before
-    metrics.data["timing"] = {
-        "train_runtime_s": runtime_s,
-        "train_samples_per_s": output.metrics["train_samples_per_second"],
-        "train_tokens_per_s": session_tokens / runtime_s if runtime_s else None,  # non-padding, this session
-    }
-    metrics.data["train"]["mean_loss"] = output.training_loss  # the Trainer's mean over every step of this session
-    metrics.write()
+    metrics.update(
+        timing={
+            "train_runtime_s": runtime_s,
+            "train_samples_per_s": output.metrics["train_samples_per_second"],
+            "train_tokens_per_s": session_tokens / runtime_s if runtime_s else None,  # non-padding, this session
+        },
+        train={"mean_loss": output.training_loss},  # the Trainer's mean over every step of this session
+    )
     return trainer
+
+
+def save_final_model(experiment: Experiment, trainer: PiqaTrainer) -> None:
+    final_model = str(experiment.run_dir / artifacts.FINAL_MODEL)
+    trainer.save_model(final_model)
+    if is_main_process():
+        experiment.tokenizer.save_pretrained(final_model)
+    # Under FSDP the save all-gathers the weights and only rank 0 waits for each transfer; a rank that
+    # exited now would take its half of the queued transfers with it and leave rank 0 waiting forever.
+    distributed.barrier()
 
 
 def _tokens_seen_before(checkpoint: Path | None) -> int:
@@ -276,14 +299,14 @@ def _tokens_seen_before(checkpoint: Path | None) -> int:
     return json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
 
 
-def _record_training(metrics: MetricsFile, trainer: PiqaTrainer, truncated: int, resume_from) -> None:
+def training_record(trainer: PiqaTrainer, truncated: int, resume_from: Path | None) -> dict:
     state = trainer.state
     per_epoch = [
         {"epoch": e["epoch"], "step": e["step"], "accuracy_pct": e["eval_accuracy"]}
         for e in state.log_history if "eval_accuracy" in e
     ]
     losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
-    metrics.update(train={
+    return {
         "parallelism": distributed.parallelism(trainer),
         "optimizer_steps": state.global_step,
         "non_padding_tokens": state.num_input_tokens_seen,
@@ -292,4 +315,4 @@ def _record_training(metrics: MetricsFile, trainer: PiqaTrainer, truncated: int,
         "best_checkpoint": state.best_model_checkpoint,
         "selection_accuracy_per_epoch": per_epoch,
         "loss_per_step": losses,
-    })
+    }
