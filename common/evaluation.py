@@ -6,7 +6,6 @@ more than one batch's logits. See docs/evaluation.md for the definitions and how
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import json
@@ -15,12 +14,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from common import batching
 from common.data import PiqaExample
 from common.prompts import encode_pairs, format_choice_prompt, format_context, format_continuation
 
@@ -83,7 +83,7 @@ def evaluate(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
     start = time.perf_counter()
-    model = unwrap_model(model)
+    model = batching.unwrap_model(model)
     was_training = model.training
     model.eval()
     try:
@@ -125,9 +125,9 @@ def score_loglik(
 
     The model must already be in eval mode (`evaluate` sees to that). Both choices of an example share a batch.
     """
-    model = unwrap_model(model)
-    device = model_device(model)
-    max_length = _max_length(model)
+    model = batching.unwrap_model(model)
+    device = batching.model_device(model)
+    max_length = batching.max_length(model)
     pairs = encode_pairs(
         tokenizer,
         [(format_context(e.goal), format_continuation(sol)) for e in examples for sol in (e.sol1, e.sol2)],
@@ -151,16 +151,16 @@ def score_loglik(
     batches, fillers = _share(_batches_within_budget(order, sequences, batch_size, vocab_size, LOGITS_BUDGET_BYTES),
                               shard)
     scores: list[float | None] = [None] * len(sequences)
-    with torch.inference_mode(), _autocast(device, autocast_dtype):
-        for batch in _progress(batches, progress, "loglik"):
+    with torch.inference_mode(), batching.autocast(device, autocast_dtype):
+        for batch in batching.progress_bar(batches, progress, "loglik"):
             rows = [2 * i + choice for i in batch for choice in (0, 1)]
             batch_scores = _score_batch(
-                model, [sequences[r] for r in rows], device, _pad_id(tokenizer), takes_logits_to_keep
+                model, [sequences[r] for r in rows], device, batching.pad_id(tokenizer), takes_logits_to_keep
             )
             for row, score in zip(rows, batch_scores):
                 scores[row] = score
         for _ in range(fillers):  # scored and dropped: only the other ranks need this forward pass
-            _score_batch(model, sequences[:1], device, _pad_id(tokenizer), takes_logits_to_keep)
+            _score_batch(model, sequences[:1], device, batching.pad_id(tokenizer), takes_logits_to_keep)
     return [None if scores[2 * i] is None else (scores[2 * i], scores[2 * i + 1]) for i in range(len(examples))]
 
 
@@ -204,7 +204,7 @@ def _score_batch(
     takes_logits_to_keep: bool,
 ) -> list[float]:
     """Summed continuation log-probs of left-padded sequences; logits only for the last `keep` positions."""
-    input_ids, attention_mask = _left_pad([ids for ids, _ in sequences], pad_id, device)
+    input_ids, attention_mask = batching.left_pad([ids for ids, _ in sequences], pad_id, device)
     # Left padding ends every row with its continuation, so one `logits_to_keep` covers the whole batch.
     keep = max(len(cont) for _, cont in sequences)
     targets = torch.zeros(len(sequences), keep, dtype=torch.long)
@@ -218,7 +218,7 @@ def _score_batch(
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=_position_ids(attention_mask),
+        position_ids=batching.position_ids(attention_mask),
         use_cache=False,
         **extra,
     ).logits[:, -keep:, :]
@@ -287,29 +287,29 @@ def generate_choices(
 ) -> list[str | None]:
     """Greedy continuation (up to `max_new_tokens`) of each example's `format_choice_prompt`, decoded, in input order
     (None for the examples in other ranks' batches, with `shard`: see `evaluate`)."""
-    model = unwrap_model(model)
-    device = model_device(model)
+    model = batching.unwrap_model(model)
+    device = batching.model_device(model)
     prompts = [format_choice_prompt(e.goal, e.sol1, e.sol2) for e in examples]
     prompt_ids = tokenizer(prompts)["input_ids"]
-    pad_id = _pad_id(tokenizer)
+    pad_id = batching.pad_id(tokenizer)
     config = copy.deepcopy(model.generation_config)
     config.update(
         do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
         max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad_id,
     )  # fmt: skip
     order = sorted(range(len(examples)), key=lambda i: -len(prompt_ids[i]))
-    batches, fillers = _share(list(_chunks(order, batch_size)), shard)
+    batches, fillers = _share(list(batching.chunks(order, batch_size)), shard)
     synced = shard is not None and dist.is_initialized()  # every rank generates until the last one is done
 
     def new_tokens(batch: list[int]) -> list[list[int]]:
-        input_ids, attention_mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
+        input_ids, attention_mask = batching.left_pad([prompt_ids[i] for i in batch], pad_id, device)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                 synced_gpus=synced)
         return output[:, input_ids.shape[1] :].tolist()
 
     texts: list[str | None] = [None] * len(examples)
-    with torch.inference_mode(), _autocast(device, autocast_dtype):
-        for batch in _progress(batches, progress, "generate"):
+    with torch.inference_mode(), batching.autocast(device, autocast_dtype):
+        for batch in batching.progress_bar(batches, progress, "generate"):
             for i, text in zip(batch, tokenizer.batch_decode(new_tokens(batch), skip_special_tokens=True)):
                 texts[i] = text
         for _ in range(fillers):  # generated and dropped: only the other ranks need these passes
@@ -341,72 +341,6 @@ def summarise(method: str, records: list[dict], seconds: float = 0.0) -> EvalRes
         seconds=seconds,
         predictions=records,
     )
-
-
-# --- helpers ----------------------------------------------------------------------------------------------------
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel / DataParallel (`.module`) or torch.compile (`._orig_mod`)."""
-    while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs go: the input embeddings' device (right for models split over devices too)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
-def _max_length(model: torch.nn.Module) -> int:
-    return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048)
-
-
-def _pad_id(tokenizer) -> int:
-    """Any id will do for masked positions; the pad token if there is one, else EOS, else 0."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, length - len(ids) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token, so left padding does not shift RoPE positions."""
-    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _progress(batches: list, enabled: bool, what: str):
-    if not enabled:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, desc=f"PIQA {what}", unit="batch")
 
 
 def _pct(count: int, total: int) -> float:
