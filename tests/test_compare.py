@@ -1,4 +1,4 @@
-"""common.compare: the report from two real --smoke runs, partial runs, the statistics, the plots, the errors."""
+"""tools.compare: the report from two real --smoke runs, partial runs, the statistics, the plots, the errors."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ import pytest
 from matplotlib.image import imread
 from scipy.stats import binomtest
 
-from common import compare
-from common.compare import load_run, mcnemar_exact_p, paired_difference_interval, paired_test, wilson_interval
 from common.monitor import MIB, GpuMonitor
+from tools.compare.__main__ import main
+from tools.compare.plots import phase_spans
+from tools.compare.report import write_report
+from tools.compare.runs import GpuSample, NotARunError, load_run
+from tools.compare.stats import mcnemar_exact_p, paired_difference_interval, paired_test, wilson_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -72,7 +75,7 @@ def table_row(markdown: str, label: str) -> list[str]:
 def test_cli_report_from_two_smoke_runs(smoke_runs: tuple[Path, Path]) -> None:
     baseline, modified = smoke_runs
     done = subprocess.run(
-        [sys.executable, "-m", "common.compare", str(baseline), str(modified)],
+        [sys.executable, "-m", "tools.compare", str(baseline), str(modified)],
         cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
@@ -129,7 +132,7 @@ def test_truncated_run_still_reports_with_notes(smoke_runs: tuple[Path, Path], t
     (broken / "metrics.json").write_text(json.dumps(metrics))
     (broken / "predictions_fine_tuned.jsonl").unlink()
 
-    report = compare.compare([baseline, broken], tmp_path / "out")
+    report = write_report([baseline, broken], tmp_path / "out")
     md = report.markdown
     assert "status is 'interrupted', not 'finished': stopped early by Ctrl-C or SIGTERM" in md
     assert "metrics.json has no 'timing' section" in md
@@ -150,7 +153,7 @@ def test_run_without_metrics_json(smoke_runs: tuple[Path, Path], tmp_path: Path)
     partial.mkdir()
     for name in ("config.json", "densenetsmi.txt"):
         shutil.copy(modified / name, partial / name)
-    report = compare.compare([baseline, partial], tmp_path / "out").markdown
+    report = write_report([baseline, partial], tmp_path / "out").markdown
     assert "metrics.json missing" in report
     assert "predictions_zero_shot.jsonl missing" in report
     assert table_row(report, "status") == ["finished", "unknown"]
@@ -164,7 +167,7 @@ def test_different_example_ids_are_said_and_only_common_ones_tested(smoke_runs: 
     records = [json.loads(line) for line in path.read_text().splitlines()]
     extra = {**records[0], "id": "validation-9999"}
     path.write_text("".join(json.dumps(r) + "\n" for r in [*records[5:], extra]))
-    md = compare.compare([baseline, other], tmp_path / "out").markdown
+    md = write_report([baseline, other], tmp_path / "out").markdown
     assert "scored different examples (5 only in the first, 1 only in the second); tested on the 35 they share" in md
     assert table_row(md, "other vs baseline, zero-shot loglik acc")[0] == "35"
 
@@ -173,7 +176,7 @@ def test_gpu_memory_plot_from_monitor_logs(smoke_runs: tuple[Path, Path], tmp_pa
     runs = [copy_run(run, tmp_path / run.name) for run in smoke_runs]
     write_gpu_log(runs[0] / "densenetsmi.txt", [("train", 3000.0), ("train", 5000.0), ("eval", 2000.0)])
     write_gpu_log(runs[1] / "densenetsmi.txt", [("train", 2000.0), ("train", 2500.0), ("eval", 1500.0)])
-    report = compare.compare(runs, tmp_path / "out")
+    report = write_report(runs, tmp_path / "out")
     assert_png(tmp_path / "out" / "compare_gpu_memory.png")
     md = report.markdown
     assert "](compare_gpu_memory.png)" in md
@@ -184,9 +187,9 @@ def test_gpu_memory_plot_from_monitor_logs(smoke_runs: tuple[Path, Path], tmp_pa
 
 
 def test_phase_spans_cover_each_stretch_of_one_phase_until_the_next_begins() -> None:
-    samples = [compare.GpuSample(t, phase, "GPU0", 1.0) for t, phase in
+    samples = [GpuSample(t, phase, "GPU0", 1.0) for t, phase in
                [(0.0, "eval"), (1.0, "eval"), (2.0, "train"), (3.0, "train"), (4.0, "select"), (5.0, "train")]]
-    assert compare.phase_spans(samples) == [("eval", 0.0, 2.0), ("train", 2.0, 4.0), ("select", 4.0, 5.0),
+    assert phase_spans(samples) == [("eval", 0.0, 2.0), ("train", 2.0, 4.0), ("select", 4.0, 5.0),
                                             ("train", 5.0, 5.0)]
 
 
@@ -284,21 +287,21 @@ def test_not_a_run_is_a_one_line_error(tmp_path: Path, smoke_runs: tuple[Path, P
     empty = tmp_path / "empty"
     empty.mkdir()
     done = subprocess.run(
-        [sys.executable, "-m", "common.compare", str(smoke_runs[0]), str(empty)],
+        [sys.executable, "-m", "tools.compare", str(smoke_runs[0]), str(empty)],
         cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith(f"error: {empty}: not a run directory")
-    assert compare.main([str(smoke_runs[0]), str(tmp_path / "nowhere")]) == 2
-    with pytest.raises(compare.NotARunError, match="not a directory"):
+    assert main([str(smoke_runs[0]), str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(NotARunError, match="not a directory"):
         load_run(tmp_path / "nowhere")
 
 
 def test_one_run_is_not_enough(smoke_runs: tuple[Path, Path]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        compare.main([str(smoke_runs[0])])
+        main([str(smoke_runs[0])])
     assert exit_info.value.code == 2
 
 

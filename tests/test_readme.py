@@ -82,7 +82,7 @@ def test_every_offline_command_runs(readme_runs):
     for words in COMMANDS:
         if is_smoke_training(words) or words[0] != "python3":
             continue
-        if "--help" in words or words[1:3] == ["-m", "common.compare"]:
+        if "--help" in words or words[1:3] == ["-m", "tools.compare"]:
             command = words
         elif is_script(words) and "--eval-only" in words:
             command = [*words, "--smoke"]
@@ -92,7 +92,7 @@ def test_every_offline_command_runs(readme_runs):
         assert done.returncode == 0, f"{' '.join(command)}:\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr
         ran.append(command)
-    assert any("--help" in c for c in ran) and any("common.compare" in c for c in ran)
+    assert any("--help" in c for c in ran) and any("tools.compare" in c for c in ran)
     assert (readme_runs / "runs" / "compare.md").is_file()
     # The README's --eval-only examples wrote directories of their own and left the training runs as they were.
     assert sorted(p.name for p in (readme_runs / "runs").glob("modified-eval*"))

@@ -1,0 +1,1 @@
+"""Tools that read or measure runs (compare, ...); common/ never imports them."""
