@@ -1,0 +1,1 @@
+"""Tools that measure or read runs; nothing in common/ imports them."""
