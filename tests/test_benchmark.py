@@ -1,4 +1,4 @@
-"""common.benchmark on the CPU: a tiny model for 2 timed steps through the real code path, and its building blocks."""
+"""tools.benchmark on the CPU: a tiny model for 2 timed steps through the real code path, and its building blocks."""
 
 import dataclasses
 import json
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from common import benchmark
 from common.data import IGNORE_INDEX
+from tools.benchmark import workload
+from tools.benchmark.configurations import TRAINER_DEFAULTS, configurations
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_FIELDS = {
@@ -23,7 +24,7 @@ ROW_FIELDS = {
 def run_tiny_benchmark(out: Path, *options: str, timeout_s: int = 120) -> subprocess.CompletedProcess:
     """The benchmark on the smoke model: 1 warm-up and 2 timed steps of 8 examples, rows to `out`."""
     return subprocess.run(
-        [sys.executable, "-m", "common.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
+        [sys.executable, "-m", "tools.benchmark", "--model", "smoke", "--steps", "2", "--warmup-steps", "1",
          "--batch-size", "8", "--dataset-size", "64", "--json-out", str(out), *options],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
@@ -50,6 +51,7 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     assert row["profile"]["name"] == "modified"
     evaluation = rows["evaluation"]
     assert evaluation["examples"] == 12 and all(run["seconds"] > 0 for run in evaluation["runs"])
+    assert all(isinstance(run["cudnn_attention"], bool) for run in evaluation["runs"])  # the engine's name for it
     assert "| modified |" in done.stdout
 
 
@@ -57,8 +59,8 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
 def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path):
     """--nproc 2: torchrun, two ranks (gloo on CPU), the batch split between them, tokens of both counted."""
     out = tmp_path / "rows.json"
-    ddp_only = [c for c in benchmark.configurations(8, world_size=2) if c.name not in
-                {c.name for c in benchmark.configurations(8)}]
+    ddp_only = [c for c in configurations(8, world_size=2) if c.name not in
+                {c.name for c in configurations(8)}]
     assert {c.name.removeprefix("modified")[1:].rstrip("0123456789") for c in ddp_only} == {"bucket", "static-graph", "bf16-allreduce"}
     probe = next(c for c in ddp_only if "static-graph" in c.name)  # the bf16 all-reduce needs NCCL
     done = run_tiny_benchmark(out, "--configs", "modified", "--nproc", "2", "--profile", probe.name, timeout_s=240)
@@ -80,7 +82,7 @@ def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path)
 
 def test_nproc_is_checked_up_front():
     for extra, message in ((["--nproc", "0"], "at least 1"), (["--nproc", "2", "--no-fork"], "--no-fork")):
-        done = subprocess.run([sys.executable, "-m", "common.benchmark", "--configs", "modified", *extra],
+        done = subprocess.run([sys.executable, "-m", "tools.benchmark", "--configs", "modified", *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr
 
@@ -89,7 +91,7 @@ def test_the_grid_adds_one_engine_setting_per_row_for_both_profiles():
     from common import profiles
     from common.config import EngineArguments
 
-    configs = {c.name: c for c in benchmark.configurations()}
+    configs = {c.name: c for c in configurations()}
     seed = configs["seed-original"]
     assert (seed.batch_size, seed.micro_batch_size, seed.engine.pad_to_multiple_of) == (4, 1, 64)
     assert seed.profile.precision == "fp32" and seed.engine.gradient_checkpointing
@@ -100,7 +102,7 @@ def test_the_grid_adds_one_engine_setting_per_row_for_both_profiles():
     for c in grid:
         if c.engine not in engines:
             engines.append(c.engine)
-    assert engines[0] == benchmark.TRAINER_DEFAULTS and engines[-1] == EngineArguments()  # batch 128: 8 x 16
+    assert engines[0] == TRAINER_DEFAULTS and engines[-1] == EngineArguments()  # batch 128: 8 x 16
     for earlier, later in zip(engines, engines[1:]):
         changed = [f for f in dataclasses.fields(EngineArguments) if getattr(earlier, f.name) != getattr(later, f.name)]
         assert len(changed) == 1, (earlier, later, changed)  # one setting more per row
@@ -113,7 +115,7 @@ def test_the_grid_adds_one_engine_setting_per_row_for_both_profiles():
 
 
 def test_lengths_file_holds_histograms_only():
-    lengths = benchmark.load_lengths()
+    lengths = workload.load_lengths()
     for key in ("train_sequence", "train_context", "train_answer", "eval_context"):
         histogram = lengths[key]
         assert sum(histogram.values()) == lengths["examples"]
@@ -124,11 +126,11 @@ def test_lengths_file_holds_histograms_only():
 
 
 def test_synthetic_features_follow_the_lengths_with_answer_only_labels():
-    lengths = benchmark.load_lengths()
-    features = benchmark.synthetic_features(500, 128256, lengths, seed=1)
-    assert features == benchmark.synthetic_features(500, 128256, lengths, seed=1)  # seeded
+    lengths = workload.load_lengths()
+    features = workload.synthetic_features(500, 128256, lengths, seed=1)
+    assert features == workload.synthetic_features(500, 128256, lengths, seed=1)  # seeded
     observed = sum(len(f["input_ids"]) for f in features) / len(features)
-    assert abs(observed - benchmark.mean_length(lengths["train_sequence"])) < 4
+    assert abs(observed - workload.mean_length(lengths["train_sequence"])) < 4
     for f in features:
         assert len(f["labels"]) == len(f["input_ids"])
         masked = sum(label == IGNORE_INDEX for label in f["labels"])
@@ -137,9 +139,9 @@ def test_synthetic_features_follow_the_lengths_with_answer_only_labels():
 
 
 def test_synthetic_eval_examples_have_piqa_token_counts():
-    lengths = benchmark.load_lengths()
-    tokenizer = benchmark.word_tokenizer()
-    example = benchmark.synthetic_examples(3, lengths, seed=0)[0]
+    lengths = workload.load_lengths()
+    tokenizer = workload.word_tokenizer()
+    example = workload.synthetic_examples(3, lengths, seed=0)[0]
     ids = tokenizer(f"Question: {example.goal}\nAnswer:")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
     assert len(ids) == 1 + 2 + len(example.goal.split())

@@ -1,1 +1,1 @@
-"""Tools that read or measure runs (compare, ...); common/ never imports them."""
+"""Tools that measure or read runs (benchmark, compare); nothing in common/ imports them."""

@@ -1,0 +1,116 @@
+"""What the benchmark measures: each configuration is a profile (common/profiles.py) and an engine (EngineArguments)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from common.config import EngineArguments, Profile
+from common.profiles import BASELINE, MODIFIED
+
+BENCHMARK_MODEL = "llama-3.2-1b-random"  # the benchmark's default model (common.config's DEFAULT_MODEL is the scripts')
+# The HF Trainer's defaults for what the engine sets (PyTorch's own for the attention kernel), batch 128 per step.
+TRAINER_DEFAULTS = EngineArguments(
+    gradient_accumulation_steps=16,  # per_device_train_batch_size 8
+    gradient_checkpointing=False,
+    optim="adamw_torch_fused",
+    liger=False,
+    train_sampling_strategy="random",
+    cudnn_attention=True,
+)
+# The order in which the grid adds the shared engine's settings to the Trainer's defaults, one more per row.
+ENGINE_STEPS = (
+    ("cudnn_attention", "cuDNN attention off"),
+    ("gradient_checkpointing", "gradient checkpointing"),
+    ("liger", "Liger kernels"),
+    ("train_sampling_strategy", "length-grouped batches"),
+    ("gradient_accumulation_steps", "micro-batch 128 x 1 = the shared engine, both scripts' defaults"),
+)
+PROFILES = {"fp32": BASELINE, "mixed": MODIFIED}  # the grid's columns: each script's own profile
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    group: str  # "grid" (engine row x precision column), "reference" or "explore"
+    profile: Profile
+    engine: EngineArguments
+    row: str = ""  # the grid's row label
+    batch_size: int = 128  # examples per optimizer step (the experiment's --batch-size)
+    description: str = ""
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.engine.gradient_accumulation_steps
+
+
+def configurations(batch_size: int = 128, world_size: int = 1) -> list[BenchConfig]:
+    """The grid (the shared engine's settings added one at a time to the Trainer's defaults, rows, for each
+    precision, columns), pinned memory flipped at the engine, the seed's configuration, and (with `world_size` > 1)
+    DDP's own settings. Each column is a script's own profile: baseline.PROFILE (fp32) and modified.PROFILE (mixed)."""
+    configs = grid(batch_size) + pinned_memory(batch_size) + [seed_original()]
+    if world_size > 1:
+        configs += ddp_probes(batch_size)
+    return configs
+
+
+def engine_rows(batch_size: int) -> list[tuple[str, str, EngineArguments]]:
+    """(name, label, engine) per grid row: the Trainer's defaults, then one engine setting more per row."""
+    defaults = dataclasses.replace(TRAINER_DEFAULTS, gradient_accumulation_steps=max(1, batch_size // 8))  # micro 8
+    accumulation = defaults.gradient_accumulation_steps
+    rows = [("trainer-defaults", f"HF Trainer defaults (micro-batch {batch_size // accumulation}"
+             f" x {accumulation}, fused AdamW)", defaults)]
+    engine = defaults
+    for step, (field_name, label) in enumerate(ENGINE_STEPS, start=1):
+        engine = dataclasses.replace(engine, **{field_name: getattr(EngineArguments(), field_name)})
+        rows.append((f"engine-{step}", f"+ {label}", engine))
+    assert engine == EngineArguments(), "the grid's last row must be the shared engine's defaults"
+    return rows
+
+
+def grid(batch_size: int) -> list[BenchConfig]:
+    """Every engine row for both profiles; the last row (the shared engine) is named after the scripts."""
+    configs = []
+    for row_name, label, row_engine in engine_rows(batch_size):
+        for precision, profile in PROFILES.items():
+            name = {"fp32": "baseline", "mixed": "modified"}[precision] if row_engine == EngineArguments() \
+                else f"{row_name}/{precision}"
+            configs.append(BenchConfig(name, "grid", profile, row_engine, row=label, batch_size=batch_size,
+                                       description=f"{profile.name}.py's profile, engine: {label}"))
+    return configs
+
+
+def pinned_memory(batch_size: int) -> list[BenchConfig]:
+    """Each profile with its pin_memory flipped, at the shared engine."""
+    configs = []
+    for precision, profile in PROFILES.items():
+        flipped = dataclasses.replace(profile, pin_memory=not profile.pin_memory)
+        configs.append(BenchConfig(
+            f"pin-{'on' if flipped.pin_memory else 'off'}/{precision}", "grid", flipped, EngineArguments(),
+            row=f"the engine, pinned memory {'on' if flipped.pin_memory else 'off'}", batch_size=batch_size,
+            description=f"{profile.name}.py's profile with pin_memory={flipped.pin_memory}, the shared engine"))
+    return configs
+
+
+def seed_original() -> BenchConfig:
+    """The configuration the project started from, for the 'x seed' column."""
+    return BenchConfig(
+        "seed-original", "reference", BASELINE,
+        dataclasses.replace(TRAINER_DEFAULTS, gradient_accumulation_steps=4, gradient_checkpointing=True,
+                            optim="adamw_torch", pad_to_multiple_of=64),
+        batch_size=4,
+        description="the seed's configuration: fp32, micro-batch 1 x accumulation 4 (4 examples per step), "
+                    "every sequence padded to a multiple of 64, gradient checkpointing",
+    )
+
+
+def ddp_probes(batch_size: int) -> list[BenchConfig]:
+    """Settings that act only under DDP, probed on modified.py's run."""
+    probes = [
+        ("modified+bucket200", {"ddp_bucket_cap_mb": 200}, "DDP's gradients all-reduced in buckets of 200 MB"),
+        ("modified+static-graph", {"ddp_static_graph": True}, "DDP's static_graph=True"),
+        ("modified+bf16-allreduce", {"ddp_comm_hook": "bf16"}, "gradients cast to bf16 for the all-reduce"),
+    ]
+    return [BenchConfig(name, "explore", MODIFIED, dataclasses.replace(EngineArguments(), **change),
+                        batch_size=batch_size, description="modified with " + description)
+            for name, change, description in probes]
