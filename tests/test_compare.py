@@ -215,7 +215,7 @@ class _FakeNvml:
 
 
 def write_gpu_log(path: Path, samples: list[tuple[str, float]]) -> None:
-    """densenetsmi.txt as common/monitor.py writes it, from (phase, MiB used) samples."""
+    """densenetsmi.txt as common.monitor writes it, from (phase, MiB used) samples."""
     nvml = _FakeNvml()
     nvml.used_mib = samples[0][1]
     with GpuMonitor(path, interval_s=3600, console_every=0, nvml_module=nvml, print_fn=lambda _: None) as monitor:

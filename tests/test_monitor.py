@@ -14,9 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from common import monitor
 from common.artifacts import GPU_LOG, GPU_LOG_COLUMNS, PMON_LOG
-from common.monitor import MIB, GpuMonitor, format_summary, map_visible_devices, torch_peak_memory
+from common.monitor import MIB, GpuMonitor, format_summary, map_visible_devices, pmon, torch_peak_memory
 
 UUIDS = ["GPU-aaaa1111-0000-0000-0000-000000000000", "GPU-bbbb2222-0000-0000-0000-000000000000"]
 
@@ -434,7 +433,7 @@ def test_ctrl_c_in_a_real_process_stops_pmon_and_closes_log(tmp_path: Path) -> N
 
 
 def test_pmon_ignoring_sigterm_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(monitor, "PMON_STOP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(pmon, "PMON_STOP_TIMEOUT_S", 0.2)
     with make(tmp_path, FakeNvml(), pmon=True, pmon_cmd=IGNORES_TERM) as mon:
         pid = mon.pmon_pid
         wait_for_text(mon.log_path.parent / PMON_LOG, "ready")
