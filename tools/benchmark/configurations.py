@@ -27,6 +27,8 @@ ENGINE_STEPS = (
     ("gradient_accumulation_steps", "micro-batch 128 x 1 = the shared engine, both scripts' defaults"),
 )
 PROFILES = {"fp32": BASELINE, "mixed": MODIFIED}  # the grid's columns: each script's own profile
+TRAINER = "HF Trainer"  # what trains a configuration (its row's engine_path)
+PLAIN_LOOP = "plain loop"  # issue 16's reference: the same workload and arithmetic in a plain PyTorch loop
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class BenchConfig:
     row: str = ""  # the grid's row label
     batch_size: int = 128  # examples per optimizer step (the experiment's --batch-size)
     description: str = ""
+    engine_path: str = TRAINER  # TRAINER, or PLAIN_LOOP
+    twin: str = ""  # a plain-loop configuration's Trainer twin: the configuration it reproduces
 
     @property
     def micro_batch_size(self) -> int:
