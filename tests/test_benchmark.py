@@ -18,6 +18,7 @@ ROW_FIELDS = {
     "name", "profile", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "timed_steps",
     "step_ms_median", "tokens_per_s", "padding_share_pct", "mfu_pct", "flops_per_token", "peak_allocated_gib",
     "peak_reserved_gib", "epoch_s", "nonpad_tokens_per_step_mean", "trainer_counted_nonpad_tokens", "final_loss",
+    "engine_path",
 }
 
 
@@ -53,6 +54,41 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     assert evaluation["examples"] == 12 and all(run["seconds"] > 0 for run in evaluation["runs"])
     assert all(isinstance(run["cudnn_attention"], bool) for run in evaluation["runs"])  # the engine's name for it
     assert "| modified |" in done.stdout
+
+
+def test_plain_loop_row_trains_the_same_batches_as_its_trainer_twin(tmp_path):
+    """Issue 16's reference row: modified's workload in a plain PyTorch loop, beside the Trainer's, in one call."""
+    out = tmp_path / "rows.json"
+    done = run_tiny_benchmark(out, "--configs", "modified,plain-loop/modified", "--eval-examples", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    trainer, plain = rows["modified"], rows["plain-loop/modified"]
+    assert "error" not in trainer and "error" not in plain, (trainer.get("error"), plain.get("error"))
+    assert (trainer["engine_path"], plain["engine_path"]) == ("HF Trainer", "plain loop")
+    assert ROW_FIELDS <= set(plain) and plain["trainer_twin"] == "modified"
+    # The same batches: the same micro-batches, order and padding, step by step.
+    assert plain["timed_steps"] == trainer["timed_steps"] == 2
+    assert plain["nonpad_tokens_per_step"] == trainer["nonpad_tokens_per_step"]
+    assert plain["nonpad_tokens_per_step_mean"] == trainer["nonpad_tokens_per_step_mean"]
+    assert plain["padding_share_pct"] == trainer["padding_share_pct"] and plain["tokens_per_s"] > 0
+    assert plain["applied"]["autocast"] == "bfloat16" and plain["applied"]["optimizer_fused"]  # CPU: bf16 autocast
+    # The same initial weights, data and arithmetic (bf16 autocast, AdamW, schedule, clipping, the loss over the
+    # step's answer tokens): the mean loss of the 3 steps agrees (on this CPU to about 1e-6, the order of summing).
+    assert abs(plain["final_loss"] - trainer["final_loss"]) < 0.05, (plain["final_loss"], trainer["final_loss"])
+    assert "Trainer / plain loop, modified: " in done.stdout and "(issue 16 asks at least 0.95x)" in done.stdout
+    assert "| plain-loop/modified |" in done.stdout
+
+
+def test_plain_loop_configurations_are_the_scripts_last_and_on_one_gpu_only():
+    every = configurations()
+    plain = [c for c in every if c.engine_path == "plain loop"]
+    assert [c.name for c in every[-2:]] == [c.name for c in plain] == ["plain-loop/baseline", "plain-loop/modified"]
+    by_name = {c.name: c for c in every}
+    for c in plain:
+        twin = by_name[c.twin]
+        assert c.group == "reference" and twin.engine_path == "HF Trainer"
+        assert (c.profile, c.engine, c.batch_size) == (twin.profile, twin.engine, twin.batch_size)
+    assert not [c for c in configurations(8, world_size=2) if c.engine_path == "plain loop"]
 
 
 @pytest.mark.slow  # a torchrun / accelerate launch

@@ -28,6 +28,7 @@ The files, in the order a configuration meets them:
     workload.py         PIQA's token lengths (piqa_lengths.json) and the synthetic batches that follow them
     timing.py           the Trainer callbacks that time steps and profile, the token-counting collator
     train_row.py        one configuration trained for a few steps -> one row of measurements
+    plain_loop.py       the same, trained by a plain PyTorch loop instead of the Trainer (the reference rows)
     eval_row.py         evaluation speed -> the 'evaluation' row
     isolation.py        each row in its own process: a fork server, or torchrun / accelerate launch
     tables.py           the rows as the printed tables and progress lines

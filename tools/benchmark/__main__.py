@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import tools.benchmark
-from tools.benchmark.configurations import BENCHMARK_MODEL, BenchConfig, configurations
+from tools.benchmark.configurations import BENCHMARK_MODEL, PLAIN_LOOP, BenchConfig, configurations
 from tools.benchmark.eval_row import run_eval
 from tools.benchmark.isolation import fork_server, run_distributed, run_isolated, worker
+from tools.benchmark.plain_loop import run_plain_loop
 from tools.benchmark.report import new_report
-from tools.benchmark.tables import evaluation_lines, format_grid, format_table, row_lines
+from tools.benchmark.tables import evaluation_lines, format_grid, format_table, reference_lines, row_lines
 from tools.benchmark.train_row import run_config
 from tools.benchmark.workload import (
     LENGTHS_PATH,
@@ -107,7 +108,8 @@ def choose(parser: argparse.ArgumentParser, options: argparse.Namespace, every: 
 
 
 def config_job(options: argparse.Namespace, config: BenchConfig, lengths: dict, profile_steps: int = 0) -> tuple:
-    return (config.name, run_config, {
+    target = run_plain_loop if config.engine_path == PLAIN_LOOP else run_config
+    return (config.name, target, {
         "config": config, "model_name": options.model, "steps": options.steps,
         "warmup_steps": options.warmup_steps,
         "max_measure_s": 1e9 if profile_steps else options.max_measure_s,
@@ -122,8 +124,8 @@ def plan_jobs(options, every: list[BenchConfig], chosen: list[BenchConfig], leng
     jobs = [config_job(options, c, lengths) for c in chosen]
     if options.profile:
         target = next((c for c in every if c.name == options.profile), None)
-        if target is None:
-            parser.error(f"--profile {options.profile}: no such configuration")
+        if target is None or target.engine_path == PLAIN_LOOP:
+            parser.error(f"--profile {options.profile}: no such configuration of the HF Trainer")
         position = next((i + 1 for i, job in enumerate(jobs) if job[0] == options.profile), len(jobs))
         profiled = dataclasses.replace(target, name=f"{options.profile}[profiled]")
         jobs.insert(position, config_job(options, profiled, lengths, 3))
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_s"] = time.perf_counter() - started
     json_out.write_text(json.dumps(report, indent=1) + "\n")
     print("\n" + format_grid(report["rows"]) + "\n\n" + format_table(report["rows"]))
-    for line in evaluation_lines(report["rows"]):
+    for line in reference_lines(report["rows"]) + evaluation_lines(report["rows"]):
         print(line)
     print(f"\nrows: {json_out}")
     return 0

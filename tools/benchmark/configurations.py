@@ -27,6 +27,8 @@ ENGINE_STEPS = (
     ("gradient_accumulation_steps", "micro-batch 128 x 1 = the shared engine, both scripts' defaults"),
 )
 PROFILES = {"fp32": BASELINE, "mixed": MODIFIED}  # the grid's columns: each script's own profile
+TRAINER = "HF Trainer"  # what trains a configuration (its row's engine_path)
+PLAIN_LOOP = "plain loop"  # issue 16's reference: the same workload and arithmetic in a plain PyTorch loop
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class BenchConfig:
     row: str = ""  # the grid's row label
     batch_size: int = 128  # examples per optimizer step (the experiment's --batch-size)
     description: str = ""
+    engine_path: str = TRAINER  # TRAINER, or PLAIN_LOOP (plain_loop.py)
+    twin: str = ""  # a plain-loop configuration's Trainer twin: the configuration it reproduces
 
     @property
     def micro_batch_size(self) -> int:
@@ -47,9 +51,12 @@ class BenchConfig:
 def configurations(batch_size: int = 128, world_size: int = 1) -> list[BenchConfig]:
     """The grid (the shared engine's settings added one at a time to the Trainer's defaults, rows, for each
     precision, columns), pinned memory flipped at the engine, the seed's configuration, and (with `world_size` > 1)
-    DDP's own settings. Each column is a script's own profile: baseline.PROFILE (fp32) and modified.PROFILE (mixed)."""
+    DDP's own settings. Each column is a script's own profile: baseline.PROFILE (fp32) and modified.PROFILE (mixed).
+    On one GPU, last: the scripts' configurations in a plain PyTorch loop (the reference rows; one process only)."""
     configs = grid(batch_size) + pinned_memory(batch_size) + [seed_original()]
-    if world_size > 1:
+    if world_size == 1:
+        configs += plain_loops(batch_size)
+    else:
         configs += ddp_probes(batch_size)
     return configs
 
@@ -102,6 +109,16 @@ def seed_original() -> BenchConfig:
         description="the seed's configuration: fp32, micro-batch 1 x accumulation 4 (4 examples per step), "
                     "every sequence padded to a multiple of 64, gradient checkpointing",
     )
+
+
+def plain_loops(batch_size: int) -> list[BenchConfig]:
+    """baseline and modified (the scripts' profiles, the shared engine) trained by a plain PyTorch loop instead of
+    the HF Trainer: the same model, data, batches and arithmetic; issue 16 asks the Trainer for >= 0.95x its speed."""
+    return [BenchConfig(f"plain-loop/{twin}", "reference", profile, EngineArguments(), batch_size=batch_size,
+                        description=f"{twin} (same profile, engine, data and arithmetic) in a plain PyTorch loop, "
+                                    "not the HF Trainer: the reference for Trainer overhead",
+                        engine_path=PLAIN_LOOP, twin=twin)
+            for twin, profile in (("baseline", BASELINE), ("modified", MODIFIED))]
 
 
 def ddp_probes(batch_size: int) -> list[BenchConfig]:

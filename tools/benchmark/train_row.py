@@ -162,6 +162,7 @@ def configuration_fields(config: BenchConfig, engine: EngineArguments, training_
     return {
         "name": config.name,
         "group": config.group,
+        "engine_path": config.engine_path,  # "HF Trainer", or "plain loop" (plain_loop.py)
         "description": config.description,
         "row": config.row,
         "profile": dataclasses.asdict(config.profile),
@@ -187,12 +188,9 @@ def configuration_fields(config: BenchConfig, engine: EngineArguments, training_
 
 def applied_fields(trainer, model) -> dict[str, Any]:
     """What the Trainer really applied, read from the model and optimizer rather than from the arguments."""
-    liger_patched = sum(  # Liger binds its own forward to the modules it patches (and to the model)
-        1 for m in model.modules() if getattr(getattr(m, "forward", None), "__module__", "").startswith("liger_kernel")
-    )
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     return {
-        "liger_patched_modules": liger_patched,
+        "liger_patched_modules": liger_patched_modules(model),
         "compiled": hasattr(trainer.model_wrapped, "_orig_mod") or hasattr(trainer.model, "_orig_mod"),
         "optimizer": type(optimizer).__name__,
         # DDP keeps the hooks it registered (a private list: empty where absent)
@@ -200,9 +198,16 @@ def applied_fields(trainer, model) -> dict[str, Any]:
     }
 
 
+def liger_patched_modules(model) -> int:
+    """Modules whose forward is Liger's: it binds its own forward to the modules it patches (and to the model)."""
+    return sum(1 for m in model.modules()
+               if getattr(getattr(m, "forward", None), "__module__", "").startswith("liger_kernel"))
+
+
 def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths: dict[str, Any], seed: int,
                  ranks: int) -> dict[str, Any]:
-    """Times, tokens/s, padding, MFU, memory peaks and what they mean for one epoch of PIQA's training split."""
+    """Times, tokens/s, padding, MFU, memory peaks and what they mean for one epoch of PIQA's training split.
+    `bench`: a TrainerSetup, or plain_loop's PlainSetup (its parameters and training_args are read)."""
     tokens_per_s = sum(m.real) / sum(m.step_s)
     flops_per_token = (8 if config.engine.gradient_checkpointing else 6) * bench.parameters
     micro_batch_size = bench.training_args.per_device_train_batch_size
@@ -213,6 +218,7 @@ def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths:
         "step_ms": [round(1000 * s, 2) for s in m.step_s],
         "compute_ms_median": 1000 * statistics.median(m.compute_s),
         "nonpad_tokens_per_step_mean": statistics.fmean(m.real),
+        "nonpad_tokens_per_step": m.real,
         "tokens_per_step_mean": statistics.fmean(m.total),
         "trainer_counted_nonpad_tokens": m.trainer_counted,
         "tokens_per_s": tokens_per_s,  # all GPUs together

@@ -1,0 +1,231 @@
+"""Issue 16's reference row: a configuration's workload trained by a plain PyTorch loop instead of the HF Trainer.
+
+The same as train_row.py's Trainer path: model loading and the engine's set-up (usable_engine,
+apply_engine_to_model: Liger, cuDNN attention), the synthetic PIQA-length features, the PadToLongest collator,
+micro-batch x accumulation, the batch order (transformers' LengthGroupedSampler, or a random permutation,
+seeded as the Trainer seeds them), and the Trainer's arithmetic: its hyperparameters are read from the same
+TrainingArguments (build_training_arguments), AdamW (fused for 'adamw_torch_fused'), the cosine schedule with
+warm-up (get_scheduler), clipping at max_grad_norm, the loss averaged over the step's answer tokens
+(num_items_in_batch), bf16 autocast (fp16 + GradScaler without bf16) for the mixed profile, TF32 off for fp32 on
+CUDA, gradient checkpointing. Timed by the Trainer rows' StepTimer and measure(), so the rows compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import tempfile
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from common.config import EngineArguments, ExperimentArguments
+from tools.benchmark.configurations import BenchConfig
+from tools.benchmark.timing import CountingCollator, make_step_timer, measure
+from tools.benchmark.train_row import (
+    configuration_fields,
+    liger_patched_modules,
+    prepare_device,
+    release_memory,
+    speed_fields,
+    timed_step_count,
+)
+from tools.benchmark.workload import synthetic_features
+
+
+@dataclass
+class PlainSetup:
+    """A configuration made ready for the plain loop (the attributes speed_fields reads are TrainerSetup's)."""
+
+    model: Any
+    engine: EngineArguments  # what the engine became on this machine (usable_engine)
+    training_args: Any  # where the hyperparameters come from; no Trainer is built
+    collator: CountingCollator
+    parameters: int
+    features: list[dict]
+    device: Any
+    half: Any  # the autocast dtype, None for fp32
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+
+
+def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_steps: int, max_measure_s: float,
+                   dataset_size: int, seed: int, lengths: dict[str, Any], profile_steps: int = 0) -> dict[str, Any]:
+    """Train `config` in a plain loop for warm-up + timed optimizer steps; a row with the Trainer rows' keys."""
+    if profile_steps:
+        raise ValueError("the plain loop has no profiled variant (--profile profiles the Trainer's rows)")
+    device_name = prepare_device()
+    started = time.perf_counter()
+    timed_steps = timed_step_count(config, steps, dataset_size)
+    timer = make_step_timer(warmup_steps, timed_steps, max_measure_s)
+    bench = set_up(config, model_name, warmup_steps + timed_steps, dataset_size, seed, lengths)
+    final_loss = train(bench, config, warmup_steps + timed_steps, timer, seed)
+    wall_s = time.perf_counter() - started
+    measured = measure(timer, bench.collator, warmup_steps, config.engine.gradient_accumulation_steps, 1)
+    row = {
+        **configuration_fields(config, bench.engine, bench.training_args),
+        "trainer_twin": config.twin,
+        "applied": {
+            "liger_patched_modules": liger_patched_modules(bench.model),
+            "compiled": False,
+            "optimizer": type(bench.optimizer).__name__,
+            "optimizer_fused": bool(bench.optimizer.defaults.get("fused")),
+            "gradient_checkpointing": checkpointing_on(bench.model),
+            "autocast": str(bench.half).removeprefix("torch.") if bench.half else None,
+            "grad_scaler": bench.scaler is not None,
+            "ddp_comm_hooks": [],
+        },
+        "model": model_name,
+        "parameters": bench.parameters,
+        "device": device_name,
+        "world_size": 1,
+        "parallelism": "single process",
+        "warmup_steps": warmup_steps,
+        **speed_fields(measured, config, bench, lengths, seed, 1),
+        "final_loss": final_loss,
+        "config_wall_s": wall_s,
+    }
+    del bench
+    release_memory()
+    return row
+
+
+def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
+           lengths: dict[str, Any]) -> PlainSetup:
+    """The model, engine, data and collator as train_row.set_up builds them; the optimizer, schedule and scaler as
+    the Trainer builds them from the same TrainingArguments."""
+    import torch
+    from transformers import get_scheduler, set_seed
+    from transformers.utils.import_utils import enable_tf32
+
+    from common.data import PadToLongest
+    from common.models import count_parameters, load_model, load_tokenizer
+    from common.training import apply_engine_to_model, autocast_dtype, build_training_arguments, usable_engine
+
+    if config.engine.torch_compile or config.engine.optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ValueError("the plain loop implements AdamW without torch.compile only")
+    tokenizer = load_tokenizer(model_name)
+    with torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext():
+        model = load_model(model_name, tokenizer)  # fp32 weights, as the scripts load them
+    engine, _ = usable_engine(config.engine)
+    apply_engine_to_model(model, engine)
+    features = synthetic_features(dataset_size, model.config.vocab_size, lengths, seed)
+    run_dir = tempfile.mkdtemp(prefix="bench-plain-loop-")
+    experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
+    args = build_training_arguments(experiment, engine, config.profile, run_dir, timing_only=True)
+    set_seed(args.seed)  # as the Trainer's __init__ does
+    half = autocast_dtype(config.profile)
+    if torch.cuda.is_available() and half is None:
+        enable_tf32(False)  # what TrainingArguments(tf32=False) calls: fp32 matmuls without TF32
+    if engine.gradient_checkpointing:
+        enable_checkpointing(model, args)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        weight_decay=args.weight_decay, fused=True if engine.optim == "adamw_torch_fused" else None)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total_steps),
+                              num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
+    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of))
+    return PlainSetup(model, engine, args, collator, count_parameters(model), features,
+                      next(model.parameters()).device, half, optimizer, scheduler, scaler)
+
+
+def enable_checkpointing(model, args) -> None:
+    """Gradient checkpointing as the Trainer enables it (transformers 5.2x renamed the method; accept either)."""
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
+                                                                               None) or {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpointing_on(model) -> bool:
+    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def epoch_sampler(bench: PlainSetup, config: BenchConfig, seed: int, epoch: int):
+    """An epoch's order, drawn as the Trainer's sampler draws it. Length-grouped: transformers' LengthGroupedSampler
+    (get_length_grouped_indices on torch's global generator, which set_seed seeded as the Trainer's __init__ does;
+    the DataLoader's iterator draws its base seed from it first, in both paths). Random: accelerate's
+    SeedableRandomSampler's permutation, a generator seeded with seed + epoch."""
+    import torch
+    from torch.utils.data import RandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if config.engine.train_sampling_strategy == "group_by_length":
+        return LengthGroupedSampler(config.batch_size, lengths=[len(f["input_ids"]) for f in bench.features])
+    return RandomSampler(bench.features, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def step_batches(bench: PlainSetup, config: BenchConfig, seed: int):
+    """Per optimizer step: its micro-batches on the device and their non-padding tokens, epoch after epoch (an
+    epoch's last step takes what is left, as the Trainer's does)."""
+    from torch.utils.data import DataLoader
+
+    for epoch in itertools.count():
+        loader = DataLoader(bench.features, batch_size=bench.training_args.per_device_train_batch_size,
+                            sampler=epoch_sampler(bench, config, seed, epoch), collate_fn=bench.collator,
+                            pin_memory=bench.training_args.dataloader_pin_memory)
+        batches = iter(loader)
+        while chunk := list(itertools.islice(batches, bench.engine.gradient_accumulation_steps)):
+            tokens = sum(int(b["attention_mask"].sum()) for b in chunk)
+            yield [{k: v.to(bench.device) for k, v in b.items()} for b in chunk], tokens
+
+
+def optimizer_step(bench: PlainSetup, micro_batches: list[dict]):
+    """Forward and backward over the micro-batches, then clip, step, schedule, zero: the step's loss (a tensor)."""
+    import torch
+
+    model, scaler = bench.model, bench.scaler
+    model.train()
+    # The Trainer's num_items_in_batch: answer tokens over the whole step (labels shifted by one), so each
+    # micro-batch's loss is its share of the step's token mean.
+    items = sum(b["labels"][..., 1:].ne(-100).sum() for b in micro_batches)
+    autocast = functools.partial(torch.autocast, bench.device.type, dtype=bench.half) if bench.half \
+        else contextlib.nullcontext
+    step_loss = torch.zeros((), device=bench.device)
+    for batch in micro_batches:
+        with autocast():
+            loss = model(**batch, num_items_in_batch=items).loss
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach()
+    if scaler:
+        scaler.unscale_(bench.optimizer)
+    if bench.training_args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), bench.training_args.max_grad_norm)
+    skipped = False
+    if scaler:
+        before = scaler.get_scale()
+        scaler.step(bench.optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < before  # an overflow: the Trainer does not step the schedule then
+    else:
+        bench.optimizer.step()
+    if not skipped:
+        bench.scheduler.step()
+    model.zero_grad()
+    return step_loss
+
+
+def train(bench: PlainSetup, config: BenchConfig, total_steps: int, timer, seed: int) -> float:
+    """The plain loop, timed by the Trainer rows' StepTimer (its callbacks called directly); the mean step loss, as
+    the Trainer's training_loss."""
+    from transformers import TrainerControl
+
+    control, state = TrainerControl(), SimpleNamespace(num_input_tokens_seen=0)
+    timer.on_train_begin(None, state, control)
+    losses, done = [], 0
+    for micro_batches, tokens in step_batches(bench, config, seed):
+        timer.on_step_begin(None, state, control)
+        losses.append(optimizer_step(bench, micro_batches))
+        state.num_input_tokens_seen += tokens
+        done += 1
+        timer.on_step_end(None, state, control)
+        if control.should_training_stop or done >= total_steps:
+            break
+    return float(sum(loss.item() for loss in losses) / done)
