@@ -15,24 +15,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import tempfile
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from common.config import EngineArguments, ExperimentArguments
+from common.config import EngineArguments
 from tools.benchmark.configurations import BenchConfig
 from tools.benchmark.timing import CountingCollator, make_step_timer, measure
 from tools.benchmark.train_row import (
     configuration_fields,
     liger_patched_modules,
     prepare_device,
+    prepare_workload,
     release_memory,
     speed_fields,
     timed_step_count,
 )
-from tools.benchmark.workload import synthetic_features
 
 
 @dataclass
@@ -95,27 +94,18 @@ def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_step
 
 def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
            lengths: dict[str, Any]) -> PlainSetup:
-    """The model, engine, data and collator as train_row.set_up builds them; the optimizer, schedule and scaler as
-    the Trainer builds them from the same TrainingArguments."""
+    """The workload the Trainer rows train (prepare_workload); the optimizer, schedule and scaler as the Trainer
+    builds them from the same TrainingArguments."""
     import torch
     from transformers import get_scheduler, set_seed
     from transformers.utils.import_utils import enable_tf32
 
-    from common.data import PadToLongest
-    from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import apply_engine_to_model, autocast_dtype, build_training_arguments, usable_engine
+    from common.training import autocast_dtype
 
     if config.engine.torch_compile or config.engine.optim not in ("adamw_torch", "adamw_torch_fused"):
         raise ValueError("the plain loop implements AdamW without torch.compile only")
-    tokenizer = load_tokenizer(model_name)
-    with torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext():
-        model = load_model(model_name, tokenizer)  # fp32 weights, as the scripts load them
-    engine, _ = usable_engine(config.engine)
-    apply_engine_to_model(model, engine)
-    features = synthetic_features(dataset_size, model.config.vocab_size, lengths, seed)
-    run_dir = tempfile.mkdtemp(prefix="bench-plain-loop-")
-    experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
-    args = build_training_arguments(experiment, engine, config.profile, run_dir, timing_only=True)
+    work = prepare_workload(config, model_name, total_steps, dataset_size, seed, lengths)
+    model, engine, args = work.model, work.engine, work.training_args
     set_seed(args.seed)  # as the Trainer's __init__ does
     half = autocast_dtype(config.profile)
     if torch.cuda.is_available() and half is None:
@@ -128,8 +118,7 @@ def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size:
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total_steps),
                               num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
     scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
-    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of))
-    return PlainSetup(model, engine, args, collator, count_parameters(model), features,
+    return PlainSetup(model, engine, args, work.collator, work.parameters, work.features,
                       next(model.parameters()).device, half, optimizer, scheduler, scaler)
 
 

@@ -125,20 +125,26 @@ def timed_step_count(config: BenchConfig, steps: int, dataset_size: int) -> int:
     return steps
 
 
-def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
-           lengths: dict[str, Any], callbacks: list) -> TrainerSetup:
-    """The model, engine, TrainingArguments, synthetic data and collator as a run builds them, in a Trainer."""
+@dataclass
+class Workload:
+    """A configuration's model, engine, TrainingArguments, synthetic data and collator, as a run builds them; both
+    the Trainer rows and the plain loop train it."""
+
+    model: Any
+    engine: EngineArguments  # what the engine became on this machine (usable_engine)
+    training_args: Any
+    collator: CountingCollator
+    features: list[dict]
+    parameters: int
+
+
+def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
+                     lengths: dict[str, Any]) -> Workload:
     import torch
-    from transformers import Trainer
 
     from common.data import PadToLongest
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import (
-        apply_engine_to_model,
-        build_training_arguments,
-        configure_ddp_communication,
-        usable_engine,
-    )
+    from common.training import apply_engine_to_model, build_training_arguments, usable_engine
 
     tokenizer = load_tokenizer(model_name)
     with torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext():
@@ -149,12 +155,22 @@ def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size:
     run_dir = tempfile.mkdtemp(prefix="bench-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in config.name))
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
     training_args = build_training_arguments(experiment, engine, config.profile, run_dir, timing_only=True)
-    padding = PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=config.engine.pad_to_multiple_of)
-    collator = CountingCollator(padding)
-    trainer = Trainer(model=model, args=training_args, train_dataset=features, data_collator=collator,
-                      callbacks=callbacks)
-    configure_ddp_communication(trainer, engine)
-    return TrainerSetup(trainer, model, engine, training_args, collator, count_parameters(model))
+    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of))
+    return Workload(model, engine, training_args, collator, features, count_parameters(model))
+
+
+def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
+           lengths: dict[str, Any], callbacks: list) -> TrainerSetup:
+    """The workload in a Trainer."""
+    from transformers import Trainer
+
+    from common.training import configure_ddp_communication
+
+    work = prepare_workload(config, model_name, total_steps, dataset_size, seed, lengths)
+    trainer = Trainer(model=work.model, args=work.training_args, train_dataset=work.features,
+                      data_collator=work.collator, callbacks=callbacks)
+    configure_ddp_communication(trainer, work.engine)
+    return TrainerSetup(trainer, work.model, work.engine, work.training_args, work.collator, work.parameters)
 
 
 def configuration_fields(config: BenchConfig, engine: EngineArguments, training_args) -> dict[str, Any]:
