@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 PRECISIONS = ("fp32", "mixed")
 SAMPLING_STRATEGIES = ("random", "group_by_length")
+LOSSES = ("answer-chunks", "liger-fused", "full-logits")
 DDP_COMM_HOOKS = ("bf16", "fp16")
 
 
@@ -62,8 +63,15 @@ class EngineArguments:
     )
     liger: bool = field(
         default=True,
-        metadata={"help": "Liger's Triton kernels (fused linear + cross-entropy that never holds the 128k-vocabulary "
-                  "logits, RMSNorm, SwiGLU, RoPE); CUDA GPUs only, off elsewhere. --no-liger turns them off."},
+        metadata={"help": "Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (and its fused loss with --loss "
+                  "liger-fused); CUDA GPUs only, off elsewhere. --no-liger turns them off."},
+    )
+    loss: str = field(
+        default="answer-chunks",
+        metadata={"help": "How the loss (mean cross-entropy over the answer tokens, the same in every choice) is "
+                  "computed: 'answer-chunks' projects only the answer tokens onto the vocabulary, a chunk at a time "
+                  "(common/loss.py); 'liger-fused' Liger's fused linear cross-entropy over every position (needs "
+                  "--liger); 'full-logits' the model's own forward, every position's logits held at once."},
     )
     train_sampling_strategy: str = field(
         default="group_by_length",
@@ -94,6 +102,10 @@ class EngineArguments:
         if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
             raise ConfigError(f"--train-sampling-strategy must be one of {', '.join(SAMPLING_STRATEGIES)}, "
                               f"got {self.train_sampling_strategy!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss == "liger-fused" and not self.liger:
+            raise ConfigError("--loss liger-fused is Liger's kernel: it needs --liger (drop --no-liger or pick another --loss)")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ConfigError(f"--pad-to-multiple-of must be at least 1, got {self.pad_to_multiple_of}")
         if self.ddp_comm_hook not in (None, *DDP_COMM_HOOKS):

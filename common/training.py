@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
 from common.distributed import evaluate_on_all_ranks, world_size
+from common.loss import use_answer_token_loss
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
 
@@ -52,7 +53,10 @@ def usable_engine(engine: EngineArguments) -> tuple[EngineArguments, list[str]]:
     elif engine.liger and importlib.util.find_spec("liger_kernel") is None:
         notes.append("Liger kernels are off: liger-kernel is not installed (pip install liger-kernel)")
     if notes:
-        engine = dataclasses.replace(engine, liger=False)
+        if engine.loss == "liger-fused":
+            notes.append("Liger's fused loss is off with it: the loss projects the answer tokens only (answer-chunks)")
+        engine = dataclasses.replace(engine, liger=False, loss="answer-chunks" if engine.loss == "liger-fused"
+                                     else engine.loss)
     return engine, notes
 
 
@@ -65,7 +69,15 @@ def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments) -> No
     if engine.liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
 
-        _apply_liger_kernel_to_instance(model=model)
+        _apply_liger_kernel_to_instance(model=model, **liger_kernel_config(engine))
+    if engine.loss == "answer-chunks":
+        use_answer_token_loss(model)
+
+
+def liger_kernel_config(engine: EngineArguments) -> dict[str, bool]:
+    """Which of Liger's kernels the engine uses: all but its fused loss, unless --loss liger-fused."""
+    return {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+            "fused_linear_cross_entropy": engine.loss == "liger-fused"}
 
 
 def build_training_arguments(
@@ -111,7 +123,9 @@ def training_argument_values(
         gradient_accumulation_steps=engine.gradient_accumulation_steps,
         **checkpointing_arguments(engine.gradient_checkpointing),
         optim=engine.optim,
+        logging_nan_inf_filter=False,  # its isnan/isinf check of every micro-batch's loss waits for the GPU
         use_liger_kernel=engine.liger,
+        liger_kernel_config=liger_kernel_config(engine) if engine.liger else None,
         torch_compile=engine.torch_compile,
         train_sampling_strategy=engine.train_sampling_strategy,
         ddp_bucket_cap_mb=engine.ddp_bucket_cap_mb,

@@ -45,19 +45,24 @@ def test_engine_kernels_are_patched_in_before_any_evaluation(monkeypatch):
 
     calls = []
     fake = types.ModuleType("liger_kernel.transformers")
-    fake._apply_liger_kernel_to_instance = lambda model, **kernels: calls.append(model)
+    fake._apply_liger_kernel_to_instance = lambda model, **kernels: calls.append((model, kernels))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    model = torch.nn.Linear(2, 2)
+    model = torch.nn.Linear(2, 2)  # no decoder: the model's own loss (--loss full-logits) leaves its forward alone
 
-    training.apply_engine_to_model(model, EngineArguments(liger=False))
+    training.apply_engine_to_model(model, EngineArguments(liger=False, loss="full-logits"))
     assert calls == []
-    training.apply_engine_to_model(model, EngineArguments(liger=True))
-    assert calls == [model]
+    training.apply_engine_to_model(model, EngineArguments(liger=True, loss="full-logits"))
+    training.apply_engine_to_model(model, EngineArguments(liger=True, loss="liger-fused"))
+    assert [m for m, _ in calls] == [model, model]
+    assert [k["fused_linear_cross_entropy"] for _, k in calls] == [False, True]
+    assert all(k["rms_norm"] and k["swiglu"] and k["rope"] and not k["cross_entropy"] for _, k in calls)
 
     usable, notes = training.usable_engine(EngineArguments(liger=True))  # this machine has no CUDA
     assert not usable.liger and len(notes) == 1 and "CUDA" in notes[0]
     assert usable == dataclasses.replace(EngineArguments(), liger=False)
     assert training.usable_engine(EngineArguments(liger=False)) == (EngineArguments(liger=False), [])
+    usable, notes = training.usable_engine(EngineArguments(liger=True, loss="liger-fused"))
+    assert (usable.liger, usable.loss) == (False, "answer-chunks") and "fused loss" in notes[1]
 
 
 def test_ddp_comm_hook_is_handed_to_accelerate():

@@ -55,7 +55,7 @@ def configurations(batch_size: int = 128, world_size: int = 1) -> list[BenchConf
     On one GPU, last: the scripts' configurations in a plain PyTorch loop (the reference rows; one process only)."""
     configs = grid(batch_size) + pinned_memory(batch_size) + [seed_original()]
     if world_size == 1:
-        configs += plain_loops(batch_size)
+        configs += loss_choices(batch_size) + plain_loops(batch_size)
     else:
         configs += ddp_probes(batch_size)
     return configs
@@ -109,6 +109,18 @@ def seed_original() -> BenchConfig:
         description="the seed's configuration: fp32, micro-batch 1 x accumulation 4 (4 examples per step), "
                     "every sequence padded to a multiple of 64, gradient checkpointing",
     )
+
+
+def loss_choices(batch_size: int) -> list[BenchConfig]:
+    """The shared engine with another way to compute the loss (--loss), or without Liger's kernels, per profile."""
+    variants = [
+        ("loss-liger-fused", {"loss": "liger-fused"}, "Liger's fused linear cross-entropy over every position"),
+        ("no-liger", {"liger": False}, "no Liger kernels (PyTorch's RMSNorm, SwiGLU, RoPE)"),
+    ]
+    return [BenchConfig(f"{script}/{name}", "explore", profile, dataclasses.replace(EngineArguments(), **change),
+                        batch_size=batch_size, description=f"{script} with {description}")
+            for name, change, description in variants
+            for script, profile in (("baseline", BASELINE), ("modified", MODIFIED))]
 
 
 def plain_loops(batch_size: int) -> list[BenchConfig]:

@@ -1,0 +1,76 @@
+"""The training loss with the LM head's logits computed at the answer tokens only.
+
+The loss is the mean cross-entropy over the answer tokens (the context's and padding's labels are IGNORE_INDEX),
+exactly as the model's own forward computes it; only the work differs. The model's forward projects every position
+onto the 128k-token vocabulary and keeps those logits (float32 for the loss) until the backward pass: about 1.5 MB
+a token, tens of GiB for a long batch, and a third of them at positions without a loss. Here the decoder's output
+is gathered at the answer positions and projected a chunk of rows at a time; each chunk's logits are recomputed in
+the backward pass (activation checkpointing on the head alone), so at most one chunk's logits exist at once.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from common.data import IGNORE_INDEX
+
+CHUNK_LOGITS_BYTES = 1 << 30  # bound on one chunk's float32 logits [rows x vocabulary]
+
+
+def answer_token_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_bytes: int = CHUNK_LOGITS_BYTES,
+) -> torch.Tensor:
+    """Cross-entropy of next-token prediction at the positions whose next label is not IGNORE_INDEX.
+
+    hidden: [batch, positions, hidden] decoder output; head_weight: [vocabulary, hidden]; labels: [batch, positions].
+    Summed, then divided by `num_items_in_batch` (the answer tokens of the whole optimizer step, as the Trainer
+    passes it) or, without it, by this batch's answer tokens: transformers' ForCausalLMLoss, term for term.
+    """
+    targets = labels[:, 1:]
+    answers = targets.ne(IGNORE_INDEX)
+    rows = hidden[:, :-1][answers]  # [answer tokens, hidden]
+    targets = targets[answers]
+    chunk_rows = max(1, chunk_bytes // (4 * head_weight.shape[0]))
+    total = rows.sum() * 0.0  # a graph-connected zero for a batch without answer tokens
+    for start in range(0, rows.shape[0], chunk_rows):
+        end = start + chunk_rows
+        total = total + checkpoint(_summed_cross_entropy, rows[start:end], head_weight, targets[start:end],
+                                   use_reentrant=False)
+    if num_items_in_batch is None:
+        return total / targets.numel()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _summed_cross_entropy(rows: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(rows, head_weight)  # under autocast: a bf16 matmul, as the model's lm_head
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def use_answer_token_loss(model: torch.nn.Module) -> None:
+    """Train `model` (a causal LM: a decoder and an output projection) with answer_token_loss: its forward is
+    rebound, on this instance only, so that a call with labels returns the loss without logits. Calls without
+    labels (evaluation, generation) go to the model's own forward."""
+    if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
+        raise ValueError(f"{type(model).__name__} has no output projection and decoder to compute the loss with")
+    model.forward = MethodType(_answer_token_forward, model)
+
+
+def _answer_token_forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None,
+                          **kwargs) -> CausalLMOutputWithPast:
+    if labels is None:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    kwargs.setdefault("use_cache", False)
+    hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    weight = self.get_output_embeddings().weight
+    return CausalLMOutputWithPast(loss=answer_token_loss(hidden, weight, labels, num_items_in_batch))

@@ -1,0 +1,92 @@
+"""The answer-token loss (common/loss.py) is the model's own loss, value and gradients, computed with less work."""
+
+import copy
+
+import pytest
+import torch
+
+from common.config import ConfigError, EngineArguments
+from common.data import IGNORE_INDEX
+from common.loss import answer_token_loss, use_answer_token_loss
+from common.models import load_model, load_tokenizer
+
+
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 200, (4, 20), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :8] = IGNORE_INDEX  # the context
+    labels[0, 15:] = IGNORE_INDEX  # padding
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 15:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    own = load_model("smoke", load_tokenizer("smoke"))
+    own.train()
+    answers = copy.deepcopy(own)
+    use_answer_token_loss(answers)
+    return own, answers
+
+
+@pytest.mark.parametrize("half", [None, torch.bfloat16])
+@pytest.mark.parametrize("num_items", [None, 70])
+def test_loss_and_gradients_equal_the_models_own(models, half, num_items):
+    """fp32 and bf16 autocast, divided by the step's answer tokens (num_items_in_batch) or by the batch's own."""
+    own, answers = models
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    losses = []
+    for model in (own, answers):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=half, enabled=half is not None):
+            loss = model(**batch(), **kwargs).loss
+        loss.backward()
+        losses.append(loss)
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6)
+    for p_own, p_answers in zip(own.parameters(), answers.parameters()):
+        torch.testing.assert_close(p_answers.grad, p_own.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_without_labels_the_model_returns_its_own_logits(models):
+    """Evaluation and generation call the model without labels: the model's forward, every position's logits."""
+    own, answers = models
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(answers(**inputs).logits, own(**inputs).logits)
+    assert own(**batch()).logits is not None and answers(**batch()).logits is None
+
+
+def test_chunks_sum_to_the_whole():
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 6, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(30, 8, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 6), generator=generator)
+    labels[0, :3] = IGNORE_INDEX
+    reference = torch.nn.functional.cross_entropy((hidden @ weight.T)[:, :-1].reshape(-1, 30),
+                                                  labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    grads = torch.autograd.grad(reference, (hidden, weight))
+    for chunk_bytes in (4 * 30 * 1, 4 * 30 * 3, 1 << 30):  # 1 row, 3 rows, all rows per chunk
+        loss = answer_token_loss(hidden, weight, labels, chunk_bytes=chunk_bytes)
+        torch.testing.assert_close(loss, reference)
+        for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), grads):
+            torch.testing.assert_close(got, want)
+
+
+def test_a_batch_without_answer_tokens_has_zero_loss_and_zero_gradients():
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    loss = answer_token_loss(hidden, weight, labels, num_items_in_batch=3)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
+
+
+def test_liger_fused_loss_needs_liger():
+    EngineArguments(loss="answer-chunks", liger=False).validate()
+    with pytest.raises(ConfigError, match="--loss liger-fused"):
+        EngineArguments(loss="liger-fused", liger=False).validate()
+    with pytest.raises(ConfigError, match="--loss must be one of"):
+        EngineArguments(loss="fused").validate()
