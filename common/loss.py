@@ -35,10 +35,10 @@ def answer_token_loss(
     Summed, then divided by `num_items_in_batch` (the answer tokens of the whole optimizer step, as the Trainer
     passes it) or, without it, by this batch's answer tokens: transformers' ForCausalLMLoss, term for term.
     """
-    targets = labels[:, 1:]
-    answers = targets.ne(IGNORE_INDEX)
-    rows = hidden[:, :-1][answers]  # [answer tokens, hidden]
-    targets = targets[answers]
+    targets = labels[:, 1:].reshape(-1)
+    answers = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)  # the one wait for the GPU: how many answer tokens
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, answers)  # [answer tokens, hidden]
+    targets = targets.index_select(0, answers)
     chunk_rows = max(1, chunk_bytes // (4 * head_weight.shape[0]))
     total = rows.sum() * 0.0  # a graph-connected zero for a batch without answer tokens
     for start in range(0, rows.shape[0], chunk_rows):

@@ -15,6 +15,7 @@ TRAINER_DEFAULTS = EngineArguments(
     gradient_checkpointing=False,
     optim="adamw_torch_fused",
     liger=False,
+    loss="full-logits",  # the model's own forward: every position's logits
     train_sampling_strategy="random",
     cudnn_attention=True,
 )
@@ -22,7 +23,8 @@ TRAINER_DEFAULTS = EngineArguments(
 ENGINE_STEPS = (
     ("cudnn_attention", "cuDNN attention off"),
     ("gradient_checkpointing", "gradient checkpointing"),
-    ("liger", "Liger kernels"),
+    ("liger", "Liger kernels (RMSNorm, SwiGLU, RoPE)"),
+    ("loss", "loss at the answer tokens only, in chunks"),
     ("train_sampling_strategy", "length-grouped batches"),
     ("gradient_accumulation_steps", "micro-batch 128 x 1 = the shared engine, both scripts' defaults"),
 )

@@ -35,6 +35,7 @@ class Measured:
     real: list[int]  # non-padding tokens per step
     total: list[int]  # all tokens per step
     trainer_counted: int  # the Trainer's own count of non-padding tokens (all ranks)
+    warmup_s: float  # from the start of training to the end of the warm-up steps (compilation would fall here)
     peak_allocated: float | None
     peak_reserved: float | None
 
@@ -213,7 +214,8 @@ def measure(timer, collator: CountingCollator, warmup_steps: int, accumulation: 
     if ranks > 1:
         step_s, compute_s, real, total, peak_allocated, peak_reserved = combine_ranks(
             step_s, compute_s, real, total, peak_allocated, peak_reserved)
-    return Measured(step_s, compute_s, real, total, trainer_counted, peak_allocated, peak_reserved)
+    warmup_s = timer.ends[warmup_steps - 1] - timer.train_begin if warmup_steps else 0.0
+    return Measured(step_s, compute_s, real, total, trainer_counted, warmup_s, peak_allocated, peak_reserved)
 
 
 def mega_batch_steps(examples: int, batch_size: int) -> int:

@@ -229,6 +229,7 @@ def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths:
     micro_batch_size = bench.training_args.per_device_train_batch_size
     piqa_lengths = sample_lengths(lengths["train_sequence"], PIQA_TRAIN_EXAMPLES, random.Random(seed))
     return {
+        "warmup_s": m.warmup_s,
         "timed_steps": len(m.step_s),
         "step_ms_median": 1000 * statistics.median(m.step_s),
         "step_ms": [round(1000 * s, 2) for s in m.step_s],
