@@ -17,9 +17,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from common.config import ConfigError
 from common.data import IGNORE_INDEX
 
 CHUNK_LOGITS_BYTES = 1 << 30  # bound on one chunk's float32 logits [rows x vocabulary]
+# Model types whose logits are the output projection of the decoder's last hidden state and nothing more (Gemma
+# soft-caps its logits, Cohere and Granite scale them: their loss is not this one).
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def answer_token_loss(
@@ -61,8 +65,12 @@ def use_answer_token_loss(model: torch.nn.Module) -> None:
     """Train `model` (a causal LM: a decoder and an output projection) with answer_token_loss: its forward is
     rebound, on this instance only, so that a call with labels returns the loss without logits. Calls without
     labels (evaluation, generation) go to the model's own forward."""
-    if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
-        raise ValueError(f"{type(model).__name__} has no output projection and decoder to compute the loss with")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PLAIN_HEAD_MODEL_TYPES:
+        raise ConfigError(
+            f"--loss answer-chunks computes the logits as the decoder's output projection alone, which is what "
+            f"{', '.join(PLAIN_HEAD_MODEL_TYPES)} models do; this model is {model_type or type(model).__name__}: "
+            "run it with --loss full-logits")
     model.forward = MethodType(_answer_token_forward, model)
 
 

@@ -84,6 +84,16 @@ def test_a_batch_without_answer_tokens_has_zero_loss_and_zero_gradients():
     assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
 
 
+def test_models_that_transform_their_logits_are_refused():
+    """Gemma soft-caps its logits: projecting the hidden states alone would train it on another loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    with pytest.raises(ConfigError, match="--loss full-logits"):
+        use_answer_token_loss(Gemma2ForCausalLM(config))
+
+
 def test_liger_fused_loss_needs_liger():
     EngineArguments(loss="answer-chunks", liger=False).validate()
     with pytest.raises(ConfigError, match="--loss liger-fused"):
