@@ -44,11 +44,11 @@ def answer_token_loss(
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, answers)  # [answer tokens, hidden]
     targets = targets.index_select(0, answers)
     chunk_rows = max(1, chunk_bytes // (4 * head_weight.shape[0]))
-    total = rows.sum() * 0.0  # a graph-connected zero for a batch without answer tokens
-    for start in range(0, rows.shape[0], chunk_rows):
-        end = start + chunk_rows
-        total = total + checkpoint(_summed_cross_entropy, rows[start:end], head_weight, targets[start:end],
-                                   use_reentrant=False)
+    chunk_sums = [checkpoint(_summed_cross_entropy, rows[start : start + chunk_rows], head_weight,
+                             targets[start : start + chunk_rows], use_reentrant=False)
+                  for start in range(0, rows.shape[0], chunk_rows)]
+    # A batch without answer tokens: a zero still connected to the graph, so backward runs as for any batch.
+    total = torch.stack(chunk_sums).sum() if chunk_sums else hidden.sum() * 0.0
     if num_items_in_batch is None:
         return total / targets.numel()
     if torch.is_tensor(num_items_in_batch):

@@ -53,10 +53,10 @@ def usable_engine(engine: EngineArguments) -> tuple[EngineArguments, list[str]]:
     elif engine.liger and importlib.util.find_spec("liger_kernel") is None:
         notes.append("Liger kernels are off: liger-kernel is not installed (pip install liger-kernel)")
     if notes:
+        engine = dataclasses.replace(engine, liger=False)
         if engine.loss == "liger-fused":
             notes.append("Liger's fused loss is off with it: the loss projects the answer tokens only (answer-chunks)")
-        engine = dataclasses.replace(engine, liger=False, loss="answer-chunks" if engine.loss == "liger-fused"
-                                     else engine.loss)
+            engine = dataclasses.replace(engine, loss="answer-chunks")
     return engine, notes
 
 
