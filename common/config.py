@@ -55,7 +55,14 @@ class EngineArguments:
                   "The experiment is unchanged; a larger value needs less GPU memory and runs slower."},
     )
     gradient_checkpointing: bool = field(
-        default=True, metadata={"help": "Recompute activations in the backward pass (less memory, ~1/3 more compute)."}
+        default=True, metadata={"help": "Recompute activations in the backward pass (less memory, ~1/3 more compute), "
+                                "in the decoder layers --activation-budget-gib cannot hold."}
+    )
+    activation_budget_gib: float = field(
+        default=7.0,
+        metadata={"help": "With gradient checkpointing: GiB a micro-batch's decoder layers may keep for the backward "
+                  "pass. Layers keep their activations (no recompute), last layer first, while they fit; the others "
+                  "are checkpointed (common/checkpointing.py). 0 checkpoints every layer."},
     )
     optim: str = field(
         default="adamw_torch_fused",
@@ -63,7 +70,7 @@ class EngineArguments:
     )
     liger: bool = field(
         default=True,
-        metadata={"help": "Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (and its fused loss with --loss "
+        metadata={"help": "Liger's Triton kernels for SwiGLU and RoPE (and its fused loss with --loss "
                   "liger-fused); CUDA GPUs only, off elsewhere. --no-liger turns them off."},
     )
     loss: str = field(
@@ -81,6 +88,11 @@ class EngineArguments:
         default=False,
         metadata={"help": "PyTorch's cuDNN kernel for half-precision attention; it plans anew for every sequence "
                   "length, so it is slow on per-batch padding (off by default)."},
+    )
+    expandable_segments: bool = field(
+        default=True,
+        metadata={"help": "PyTorch's expandable-segments CUDA allocator (less memory lost to fragmentation); set "
+                  "before CUDA starts, unless PYTORCH_CUDA_ALLOC_CONF is already set."},
     )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile."})
     pad_to_multiple_of: int | None = field(
@@ -106,6 +118,8 @@ class EngineArguments:
             raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.loss == "liger-fused" and not self.liger:
             raise ConfigError("--loss liger-fused is Liger's kernel: it needs --liger (drop --no-liger or pick another --loss)")
+        if self.activation_budget_gib < 0:
+            raise ConfigError(f"--activation-budget-gib must be 0 or more, got {self.activation_budget_gib}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ConfigError(f"--pad-to-multiple-of must be at least 1, got {self.pad_to_multiple_of}")
         if self.ddp_comm_hook not in (None, *DDP_COMM_HOOKS):

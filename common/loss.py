@@ -6,6 +6,11 @@ onto the 128k-token vocabulary and keeps those logits (float32 for the loss) unt
 a token, tens of GiB for a long batch, and a third of them at positions without a loss. Here the decoder's output
 is gathered at the answer positions and projected a chunk of rows at a time; each chunk's logits are recomputed in
 the backward pass (activation checkpointing on the head alone), so at most one chunk's logits exist at once.
+
+A batch whose rows differ much in length (the longest of each length-grouped mega-batch: PIQA's longest examples,
+243 tokens, with ones of 60) is split into groups of similar length, each padded only to its own longest, when
+that saves more padded positions than another pass of the decoder costs. The loss is the same sum over the same
+answer tokens; only padding is skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from common.config import ConfigError
 from common.data import IGNORE_INDEX
 
-CHUNK_LOGITS_BYTES = 1 << 30  # bound on one chunk's float32 logits [rows x vocabulary]
+CHUNK_LOGITS_BYTES = 1 << 28  # bound on one chunk's float32 logits [rows x vocabulary]: 523 rows of 128k
+# What one more decoder pass costs, in padded positions: on an H200 a step's fixed cost (~100 ms of kernel launches)
+# is worth a few thousand positions of a long batch's work (~55 positions a millisecond).
+SPLIT_COST_POSITIONS = 4096
+MAX_LENGTH_GROUPS = 4
+GROUP_ROWS = 8  # groups are whole multiples of this many rows (but the last)
 # Model types whose logits are the output projection of the decoder's last hidden state and nothing more (Gemma
 # soft-caps its logits, Cohere and Granite scale them: their loss is not this one).
 PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -31,7 +41,7 @@ def answer_token_loss(
     head_weight: torch.Tensor,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
-    chunk_bytes: int = CHUNK_LOGITS_BYTES,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of next-token prediction at the positions whose next label is not IGNORE_INDEX.
 
@@ -43,7 +53,7 @@ def answer_token_loss(
     answers = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)  # the one wait for the GPU: how many answer tokens
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, answers)  # [answer tokens, hidden]
     targets = targets.index_select(0, answers)
-    chunk_rows = max(1, chunk_bytes // (4 * head_weight.shape[0]))
+    chunk_rows = max(1, (chunk_bytes or CHUNK_LOGITS_BYTES) // (4 * head_weight.shape[0]))
     chunk_sums = [checkpoint(_summed_cross_entropy, rows[start : start + chunk_rows], head_weight,
                              targets[start : start + chunk_rows], use_reentrant=False)
                   for start in range(0, rows.shape[0], chunk_rows)]
@@ -79,6 +89,61 @@ def _answer_token_forward(self, input_ids=None, attention_mask=None, labels=None
     if labels is None:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     kwargs.setdefault("use_cache", False)
-    hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-    weight = self.get_output_embeddings().weight
-    return CausalLMOutputWithPast(loss=answer_token_loss(hidden, weight, labels, num_items_in_batch))
+    decoder, weight = self.get_decoder(), self.get_output_embeddings().weight
+    groups = right_padded_groups(attention_mask) if input_ids is not None and attention_mask is not None else None
+    if groups is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return CausalLMOutputWithPast(loss=answer_token_loss(hidden, weight, labels, num_items_in_batch))
+    if num_items_in_batch is None:
+        num_items_in_batch = labels[:, 1:].ne(IGNORE_INDEX).sum()
+    loss = 0.0
+    for rows, length in groups:
+        rows = torch.tensor(rows, device=input_ids.device)
+        hidden = decoder(input_ids=input_ids.index_select(0, rows)[:, :length],
+                         attention_mask=attention_mask.index_select(0, rows)[:, :length], **kwargs).last_hidden_state
+        loss = loss + answer_token_loss(hidden, weight, labels.index_select(0, rows)[:, :length], num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss)
+
+
+def decoder_positions(forward_kwargs: dict) -> int:
+    """The token positions the answer-token forward passes through the decoder for these arguments (a training
+    forward: with labels)."""
+    input_ids, attention_mask = forward_kwargs.get("input_ids"), forward_kwargs.get("attention_mask")
+    groups = right_padded_groups(attention_mask) if input_ids is not None and attention_mask is not None else None
+    if groups is None:
+        tokens = input_ids if input_ids is not None else forward_kwargs["inputs_embeds"]
+        return tokens.shape[0] * tokens.shape[1]
+    return sum(len(rows) * length for rows, length in groups)
+
+
+def right_padded_groups(attention_mask: torch.Tensor) -> list[tuple[list[int], int]] | None:
+    """The length groups of a right-padded batch (the training collator's), or None to run it as it is: one group,
+    or padding not on the right."""
+    mask = attention_mask.cpu()  # a wait for the GPU, as the Trainer's count of the batch's tokens already has
+    if mask.shape[1] < 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return None
+    groups = length_groups(mask.sum(1).tolist(), SPLIT_COST_POSITIONS, MAX_LENGTH_GROUPS)
+    return groups if len(groups) > 1 else None
+
+
+def length_groups(lengths: list[int], split_cost: int = SPLIT_COST_POSITIONS,
+                  max_groups: int = MAX_LENGTH_GROUPS) -> list[tuple[list[int], int]]:
+    """Rows (indices into `lengths`) in groups of similar length, each with its longest length: the split with the
+    fewest padded positions, each group after the first counted as `split_cost` positions more."""
+    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    longest = [lengths[row] for row in order]  # longest first: a group's rows are padded to its first row's length
+    if len(order) * longest[0] - sum(longest) <= split_cost:  # all the padding there is would not pay for a split
+        return [(order, longest[0])]
+    cuts = list(range(0, len(order), GROUP_ROWS)) + [len(order)]
+    # best[k][j]: the fewest positions for rows order[:cuts[j]] in k + 1 groups, and where its last group starts
+    best = [[((cuts[j] * longest[0]), 0) for j in range(len(cuts))]]
+    for _ in range(1, max_groups):
+        best.append([min(((best[-1][i][0] + (cuts[j] - cuts[i]) * longest[cuts[i]], i) for i in range(1, j)),
+                         default=(float("inf"), 0)) for j in range(len(cuts))])
+    groups = min(range(max_groups), key=lambda k: best[k][-1][0] + k * split_cost)
+    bounds, j = [], len(cuts) - 1
+    for k in range(groups, -1, -1):
+        i = best[k][j][1]
+        bounds.append((cuts[i], cuts[j]))
+        j = i
+    return [(order[start:end], longest[start]) for start, end in reversed(bounds)]

@@ -43,6 +43,7 @@ from common.training import (
     build_training_arguments,
     check_visible_gpus,
     compute_device,
+    configure_allocator,
     configure_ddp_communication,
     usable_engine,
 )
@@ -97,6 +98,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
     if note := one_gpu_unless_distributed():
         print(note)
     args, engine = parse_arguments(argv, description=describe(profile), prog=f"{profile.name}.py")
+    configure_allocator(engine)  # before anything starts CUDA
     distributed.init()
     args.micro_batch_size(engine, world_size())
     engine, notes = usable_engine(engine)
@@ -116,7 +118,9 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
                                  args.eval_sample_count(), args.seed, need_train=not args.eval_only)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
     model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
-    apply_engine_to_model(model, engine)
+    checkpoint_budget = apply_engine_to_model(model, engine, autocast_dtype(profile))
+    if checkpoint_budget and is_main_process() and not args.eval_only:
+        print(checkpoint_budget.describe())
     disk_estimate = {}
     if not args.eval_only and not resume_from:
         epochs = math.ceil(args.num_train_epochs)

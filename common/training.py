@@ -11,9 +11,11 @@ from collections.abc import Callable
 import torch
 from transformers import Trainer, TrainingArguments
 
+from common.checkpointing import CheckpointBudget, budget_checkpointing
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
 from common.distributed import evaluate_on_all_ranks, world_size
-from common.loss import use_answer_token_loss
+from common.kernels import use_fused_rms_norm
+from common.loss import decoder_positions, use_answer_token_loss
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
 
@@ -35,6 +37,12 @@ def check_visible_gpus(visible: str | None) -> None:
         raise ConfigError(
             f"CUDA_VISIBLE_DEVICES={visible} names no GPU this process can use; fix it, or set it to '' to run on the CPU"
         )
+
+
+def configure_allocator(engine: EngineArguments) -> None:
+    """The engine's CUDA allocator settings; to be called before CUDA starts (a user's PYTORCH_CUDA_ALLOC_CONF wins)."""
+    if engine.expandable_segments:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def compute_device() -> torch.device:
@@ -60,23 +68,31 @@ def usable_engine(engine: EngineArguments) -> tuple[EngineArguments, list[str]]:
     return engine, notes
 
 
-def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments) -> None:
+def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments,
+                          autocast: torch.dtype | None = None) -> CheckpointBudget | None:
     """The engine's torch switches and kernels, set once before the first evaluation, so that the zero-shot and
-    fine-tuned evaluations (and an --eval-only run) use what training uses. `engine` must come from usable_engine.
-    (The Trainer patches Liger in again when it is built; patching twice is harmless.)"""
+    fine-tuned evaluations (and an --eval-only run) use what training uses. `engine` must come from usable_engine;
+    `autocast` is the profile's (autocast_dtype). (The Trainer patches Liger in again when it is built; patching
+    twice is harmless.) Returns the per-batch checkpointing choice, where the engine checkpoints within a budget."""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(engine.cudnn_attention)
     if engine.liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
 
         _apply_liger_kernel_to_instance(model=model, **liger_kernel_config(engine))
+    use_fused_rms_norm(model)
     if engine.loss == "answer-chunks":
         use_answer_token_loss(model)
+    if engine.gradient_checkpointing and engine.activation_budget_gib > 0:
+        positions_of = decoder_positions if engine.loss == "answer-chunks" else None
+        return budget_checkpointing(model, engine.activation_budget_gib, autocast, positions_of)
+    return None
 
 
 def liger_kernel_config(engine: EngineArguments) -> dict[str, bool]:
-    """Which of Liger's kernels the engine uses: all but its fused loss, unless --loss liger-fused."""
-    return {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+    """Which of Liger's kernels the engine uses: SwiGLU and RoPE, and its fused loss with --loss liger-fused.
+    (RMSNorm is PyTorch's fused kernel: common/kernels.py.)"""
+    return {"rope": True, "rms_norm": False, "swiglu": True, "cross_entropy": False,
             "fused_linear_cross_entropy": engine.loss == "liger-fused"}
 
 

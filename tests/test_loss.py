@@ -100,3 +100,48 @@ def test_liger_fused_loss_needs_liger():
         EngineArguments(loss="liger-fused", liger=False).validate()
     with pytest.raises(ConfigError, match="--loss must be one of"):
         EngineArguments(loss="fused").validate()
+
+
+def test_length_groups_cut_the_padding_of_batches_whose_rows_differ_much():
+    from common.loss import length_groups
+
+    similar = [40] * 120 + [44] * 8
+    assert length_groups(similar) == [(sorted(range(128), key=lambda r: -similar[r]), 44)]  # not worth a pass
+    lengths = [60] * 112 + [240] * 16  # a mega-batch's longest step: a few long rows, many shorter ones
+    groups = length_groups(lengths)
+    assert sorted(row for rows, _ in groups for row in rows) == list(range(128))  # every row once
+    assert all(max(lengths[r] for r in rows) == length for rows, length in groups)
+    assert [(len(rows), length) for rows, length in groups] == [(16, 240), (112, 60)]
+    assert length_groups(lengths, split_cost=10**6) == [(groups[0][0] + groups[1][0], 240)]
+
+
+@pytest.mark.parametrize("half", [None, torch.bfloat16])
+def test_a_batch_split_by_length_has_the_loss_and_gradients_of_the_whole(models, half, monkeypatch):
+    """The same rows in two decoder passes, each padded to its own longest: the same loss, the same gradients."""
+    from common import loss as loss_module
+
+    own, answers = models
+    generator = torch.Generator().manual_seed(1)
+    lengths = [30] * 2 + [8] * 14
+    input_ids = torch.randint(5, 200, (16, 30), generator=generator)
+    attention_mask = torch.tensor([[1] * n + [0] * (30 - n) for n in lengths])
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :4] = IGNORE_INDEX
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    monkeypatch.setattr(loss_module, "SPLIT_COST_POSITIONS", 16)
+    monkeypatch.setattr(loss_module, "GROUP_ROWS", 2)
+    assert [len(rows) for rows, _ in loss_module.right_padded_groups(attention_mask)] == [2, 14]
+    assert loss_module.decoder_positions(inputs) == 2 * 30 + 14 * 8
+    losses = []
+    for model in (own, answers):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=half, enabled=half is not None):
+            loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss)
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5 if half is None else 1e-2)
+    for p_own, p_answers in zip(own.parameters(), answers.parameters()):
+        if half is None:
+            torch.testing.assert_close(p_answers.grad, p_own.grad, rtol=1e-4, atol=1e-6)
+        else:  # bf16's rounding differs between the shapes
+            assert torch.linalg.vector_norm(p_answers.grad - p_own.grad) <= 0.05 * torch.linalg.vector_norm(p_own.grad)

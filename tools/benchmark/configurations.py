@@ -13,6 +13,8 @@ BENCHMARK_MODEL = "llama-3.2-1b-random"  # the benchmark's default model (common
 TRAINER_DEFAULTS = EngineArguments(
     gradient_accumulation_steps=16,  # per_device_train_batch_size 8
     gradient_checkpointing=False,
+    activation_budget_gib=0.0,  # the Trainer's checkpointing: every decoder layer
+    expandable_segments=False,  # PyTorch's allocator default
     optim="adamw_torch_fused",
     liger=False,
     loss="full-logits",  # the model's own forward: every position's logits
@@ -23,10 +25,13 @@ TRAINER_DEFAULTS = EngineArguments(
 ENGINE_STEPS = (
     ("cudnn_attention", "cuDNN attention off"),
     ("gradient_checkpointing", "gradient checkpointing"),
-    ("liger", "Liger kernels (RMSNorm, SwiGLU, RoPE)"),
+    ("liger", "Liger kernels (SwiGLU, RoPE)"),
     ("loss", "loss at the answer tokens only, in chunks"),
     ("train_sampling_strategy", "length-grouped batches"),
-    ("gradient_accumulation_steps", "micro-batch 128 x 1 = the shared engine, both scripts' defaults"),
+    ("gradient_accumulation_steps", "micro-batch 128 x 1"),
+    ("expandable_segments", "expandable-segments allocator"),
+    ("activation_budget_gib", f"checkpointing within a {EngineArguments().activation_budget_gib:g} GiB activation "
+                              "budget = the shared engine, both scripts' defaults"),
 )
 PROFILES = {"fp32": BASELINE, "mixed": MODIFIED}  # the grid's columns: each script's own profile
 TRAINER = "HF Trainer"  # what trains a configuration (its row's engine_path)
@@ -117,7 +122,10 @@ def loss_choices(batch_size: int) -> list[BenchConfig]:
     """The shared engine with another way to compute the loss (--loss), or without Liger's kernels, per profile."""
     variants = [
         ("loss-liger-fused", {"loss": "liger-fused"}, "Liger's fused linear cross-entropy over every position"),
-        ("no-liger", {"liger": False}, "no Liger kernels (PyTorch's RMSNorm, SwiGLU, RoPE)"),
+        ("no-liger", {"liger": False}, "no Liger kernels (PyTorch's SwiGLU and RoPE)"),
+        ("budget-3", {"activation_budget_gib": 3.0}, "checkpointing within a 3 GiB activation budget"),
+        ("budget-12", {"activation_budget_gib": 12.0}, "checkpointing within a 12 GiB activation budget"),
+        ("no-ckpt", {"gradient_checkpointing": False}, "no gradient checkpointing"),
     ]
     return [BenchConfig(f"{script}/{name}", "explore", profile, dataclasses.replace(EngineArguments(), **change),
                         batch_size=batch_size, description=f"{script} with {description}")

@@ -49,6 +49,7 @@ class PlainSetup:
     optimizer: Any
     scheduler: Any
     scaler: Any  # torch.amp.GradScaler for fp16, else None
+    checkpoint_budget: Any  # common.checkpointing.CheckpointBudget, or None
 
 
 def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_steps: int, max_measure_s: float,
@@ -56,6 +57,9 @@ def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_step
     """Train `config` in a plain loop for warm-up + timed optimizer steps; a row with the Trainer rows' keys."""
     if profile_steps:
         raise ValueError("the plain loop has no profiled variant (--profile profiles the Trainer's rows)")
+    from common.training import configure_allocator
+
+    configure_allocator(config.engine)  # before prepare_device starts CUDA
     device_name = prepare_device()
     started = time.perf_counter()
     timed_steps = timed_step_count(config, steps, dataset_size)
@@ -119,7 +123,7 @@ def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size:
                               num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
     scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
     return PlainSetup(model, engine, args, work.collator, work.parameters, work.features,
-                      next(model.parameters()).device, half, optimizer, scheduler, scaler)
+                      next(model.parameters()).device, half, optimizer, scheduler, scaler, work.checkpoint_budget)
 
 
 def enable_checkpointing(model, args) -> None:
@@ -133,8 +137,10 @@ def enable_checkpointing(model, args) -> None:
 
 
 def checkpointing_on(model) -> bool:
-    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
+    """Whether checkpointing was enabled (an activation budget may have left every layer unchecked in a batch)."""
+    from common.checkpointing import decoder_layers
+
+    return any(getattr(layer, "_gradient_checkpointing_func", None) is not None for layer in decoder_layers(model))
 
 
 def epoch_sampler(bench: PlainSetup, config: BenchConfig, seed: int, epoch: int):

@@ -13,16 +13,21 @@ GIB = 1024**3
 
 
 class CountingCollator:
-    """The project's collator, counting real and padded tokens of every batch it builds."""
+    """The project's collator, counting real and padded tokens of every batch it builds, and the positions the
+    decoder passes over (fewer where the answer-token loss splits a batch by length: common/loss.py)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, splits_by_length: bool = False):
         self.inner = inner
-        self.batches: list[tuple[int, int]] = []  # (non-padding tokens, all tokens)
+        self.splits_by_length = splits_by_length
+        self.batches: list[tuple[int, int, int]] = []  # (non-padding tokens, all tokens, decoder positions)
 
     def __call__(self, features: list[dict]) -> dict:
+        from common.loss import decoder_positions
+
         batch = self.inner(features)
         mask = batch["attention_mask"]
-        self.batches.append((int(mask.sum()), mask.numel()))
+        decoder = decoder_positions(batch) if self.splits_by_length else mask.numel()
+        self.batches.append((int(mask.sum()), mask.numel(), decoder))
         return batch
 
 
@@ -35,6 +40,7 @@ class Measured:
     real: list[int]  # non-padding tokens per step
     total: list[int]  # all tokens per step
     trainer_counted: int  # the Trainer's own count of non-padding tokens (all ranks)
+    micro_batches: list[tuple[int, int, int]]  # this rank's timed micro-batches, as CountingCollator counts them
     warmup_s: float  # from the start of training to the end of the warm-up steps (compilation would fall here)
     peak_allocated: float | None
     peak_reserved: float | None
@@ -204,6 +210,7 @@ def measure(timer, collator: CountingCollator, warmup_steps: int, accumulation: 
     if done <= warmup_steps:
         raise RuntimeError(f"only {done} optimizer steps ran; {warmup_steps} warm-up steps asked for")
     step_s, compute_s, real, total = [], [], [], []
+    micro_batches = collator.batches[warmup_steps * accumulation : done * accumulation]
     for i in range(warmup_steps, done):
         step_s.append(timer.ends[i] - timer.ends[i - 1])  # end to end: data, forward/backward, optimizer
         compute_s.append(timer.ends[i] - timer.begins[i])  # batches already on the device
@@ -215,7 +222,8 @@ def measure(timer, collator: CountingCollator, warmup_steps: int, accumulation: 
         step_s, compute_s, real, total, peak_allocated, peak_reserved = combine_ranks(
             step_s, compute_s, real, total, peak_allocated, peak_reserved)
     warmup_s = timer.ends[warmup_steps - 1] - timer.train_begin if warmup_steps else 0.0
-    return Measured(step_s, compute_s, real, total, trainer_counted, warmup_s, peak_allocated, peak_reserved)
+    return Measured(step_s, compute_s, real, total, trainer_counted, micro_batches, warmup_s, peak_allocated,
+                    peak_reserved)
 
 
 def mega_batch_steps(examples: int, batch_size: int) -> int:

@@ -40,6 +40,7 @@ class TrainerSetup:
     training_args: Any
     collator: CountingCollator
     parameters: int
+    checkpoint_budget: Any  # common.checkpointing.CheckpointBudget, or None
 
 
 def run_config(
@@ -60,7 +61,9 @@ def run_config(
     peak memory are the slowest / largest rank's, and the row is the same on every rank.
     """
     from common.distributed import parallelism, world_size
+    from common.training import configure_allocator
 
+    configure_allocator(config.engine)  # before prepare_device starts CUDA
     ranks = world_size()
     if ranks > 1:
         max_measure_s = math.inf  # every rank must stop at the same step: a count, not a clock
@@ -136,6 +139,7 @@ class Workload:
     collator: CountingCollator
     features: list[dict]
     parameters: int
+    checkpoint_budget: Any  # common.checkpointing.CheckpointBudget, or None where every layer is checkpointed
 
 
 def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
@@ -144,19 +148,20 @@ def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dat
 
     from common.data import PadToLongest
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import apply_engine_to_model, build_training_arguments, usable_engine
+    from common.training import apply_engine_to_model, autocast_dtype, build_training_arguments, usable_engine
 
     tokenizer = load_tokenizer(model_name)
     with torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext():
         model = load_model(model_name, tokenizer)  # fp32 weights, as the scripts load them
     engine, _ = usable_engine(config.engine)  # set up as run() does it
-    apply_engine_to_model(model, engine)
+    checkpoint_budget = apply_engine_to_model(model, engine, autocast_dtype(config.profile))
     features = synthetic_features(dataset_size, model.config.vocab_size, lengths, seed)
     run_dir = tempfile.mkdtemp(prefix="bench-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in config.name))
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
     training_args = build_training_arguments(experiment, engine, config.profile, run_dir, timing_only=True)
-    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of))
-    return Workload(model, engine, training_args, collator, features, count_parameters(model))
+    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of),
+                                splits_by_length=engine.loss == "answer-chunks")
+    return Workload(model, engine, training_args, collator, features, count_parameters(model), checkpoint_budget)
 
 
 def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
@@ -170,7 +175,8 @@ def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size:
     trainer = Trainer(model=work.model, args=work.training_args, train_dataset=work.features,
                       data_collator=work.collator, callbacks=callbacks)
     configure_ddp_communication(trainer, work.engine)
-    return TrainerSetup(trainer, work.model, work.engine, work.training_args, work.collator, work.parameters)
+    return TrainerSetup(trainer, work.model, work.engine, work.training_args, work.collator, work.parameters,
+                        work.checkpoint_budget)
 
 
 def configuration_fields(config: BenchConfig, engine: EngineArguments, training_args) -> dict[str, Any]:
@@ -223,9 +229,11 @@ def liger_patched_modules(model) -> int:
 def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths: dict[str, Any], seed: int,
                  ranks: int) -> dict[str, Any]:
     """Times, tokens/s, padding, MFU, memory peaks and what they mean for one epoch of PIQA's training split.
-    `bench`: a TrainerSetup, or plain_loop's PlainSetup (its parameters and training_args are read)."""
+    `bench`: a TrainerSetup, or plain_loop's PlainSetup (its parameters, training_args and checkpoint_budget are
+    read)."""
     tokens_per_s = sum(m.real) / sum(m.step_s)
-    flops_per_token = (8 if config.engine.gradient_checkpointing else 6) * bench.parameters
+    recomputed = recomputed_share(m, config, bench.checkpoint_budget)
+    flops_per_token = (6 + 2 * recomputed) * bench.parameters
     micro_batch_size = bench.training_args.per_device_train_batch_size
     piqa_lengths = sample_lengths(lengths["train_sequence"], PIQA_TRAIN_EXAMPLES, random.Random(seed))
     return {
@@ -241,8 +249,13 @@ def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths:
         "tokens_per_s": tokens_per_s,  # all GPUs together
         "tokens_per_s_per_gpu": tokens_per_s / ranks,
         "tokens_per_s_median_step": statistics.median(r / s for r, s in zip(m.real, m.step_s)),
-        "padding_share_pct": 100.0 * (1 - sum(m.real) / sum(m.total)),
+        "padding_share_pct": 100.0 * (1 - sum(m.real) / sum(m.total)),  # of the batches as collated
+        "decoder_padding_share_pct": 100.0 * (1 - sum(b[0] for b in m.micro_batches)
+                                              / max(1, sum(b[2] for b in m.micro_batches))),  # what it computed
         "epoch_padding_share_pct": epoch_padding_share(piqa_lengths, config, seed, micro_batch_size),
+        "recomputed_layer_share": recomputed,  # of the decoder layers, weighted by non-padding tokens
+        "layer_activations_bytes_per_position": (dataclasses.asdict(bench.checkpoint_budget.activations)
+                                                 if bench.checkpoint_budget else None),
         "flops_per_token": flops_per_token,
         "mfu_pct": 100.0 * tokens_per_s / ranks * flops_per_token / H100_BF16_DENSE_PEAK_FLOPS,  # per GPU
         "peak_allocated_gib": m.peak_allocated,
@@ -250,3 +263,14 @@ def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths:
         "epoch_steps": math.ceil(PIQA_TRAIN_EXAMPLES / config.batch_size),
         "epoch_s": PIQA_TRAIN_EXAMPLES * mean_length(lengths["train_sequence"]) / tokens_per_s,
     }
+
+
+def recomputed_share(m: Measured, config: BenchConfig, budget) -> float:
+    """The share of decoder-layer work recomputed in the timed steps (weighted by non-padding tokens): 1 where every
+    layer is checkpointed, 0 without checkpointing. A step's FLOPs are 6 x parameters x tokens, plus 2 x that share."""
+    if not config.engine.gradient_checkpointing:
+        return 0.0
+    if budget is None or not m.micro_batches:
+        return 1.0
+    real = sum(b[0] for b in m.micro_batches)
+    return sum(r * budget.checkpointed_share(positions) for r, _, positions in m.micro_batches) / max(1, real)

@@ -1,0 +1,168 @@
+"""Gradient checkpointing of only as many decoder layers as a memory budget needs, chosen per micro-batch.
+
+A checkpointed layer keeps only its input for the backward pass and runs its forward again there. On this
+experiment's batches (128 PIQA examples, about 5,000 tokens) a step's time is mostly the launching of its kernels,
+and the recomputed forward launches a third of them again (docs/benchmarks.md). So each micro-batch's decoder
+layers keep their activations, last layer first, while everything the layers keep for the backward pass fits in
+`--activation-budget-gib`; the remaining layers are checkpointed. The arithmetic is the same either way: only
+what is stored and what is recomputed changes. A short batch checkpoints nothing; the longest, every layer.
+
+What a layer keeps per token position is measured once, on the loaded model with the engine's kernels and the
+profile's precision: the tensors autograd saves in two small forward passes, counted by storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2**30
+PROBE_LENGTH = 32  # tokens per probe row; the probes differ in rows only, so a layer's fixed costs cancel out
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes per token position that one decoder layer keeps for the backward pass."""
+
+    kept_bytes: float  # not checkpointed: every tensor its operations save
+    checkpointed_bytes: float  # checkpointed: its input hidden states only
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers transformers can checkpoint one by one (its decoder layers), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def measure_layer_activations(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> LayerActivations:
+    """Forward passes of 1 and 3 rows in training mode, every layer un-checkpointed; the difference of what the
+    layers saved, per position. The model's state, flags and random number generators are left as they were."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    flags = [layer.gradient_checkpointing for layer in layers]
+    was_training = model.training
+    try:
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        model.train()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            small, small_input = _saved_by_layers(model, layers, 1, device, autocast_dtype)
+            large, _ = _saved_by_layers(model, layers, 3, device, autocast_dtype)
+    finally:
+        for layer, flag in zip(layers, flags):
+            layer.gradient_checkpointing = flag
+        model.train(was_training)
+    positions = 2 * PROBE_LENGTH
+    return LayerActivations(kept_bytes=(large - small) / positions / len(layers),
+                            checkpointed_bytes=small_input)
+
+
+def _saved_by_layers(model, layers, rows: int, device, autocast_dtype) -> tuple[int, float]:
+    """Bytes of the storages autograd saved inside the decoder layers for a [rows, PROBE_LENGTH] batch (one row
+    ends in padding, as training batches do), and the bytes per position of a layer's input."""
+    saved: dict[int, int] = {}
+    inside = {"layer": False, "input_bytes": 0.0}
+
+    def pack(tensor):
+        if inside["layer"]:
+            storage = tensor.untyped_storage()
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    def enter(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        inside["layer"], inside["input_bytes"] = True, hidden.element_size() * hidden.shape[-1]
+        return None
+
+    def leave(module, args, output):
+        inside["layer"] = False
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter, with_kwargs=True),
+                                               layer.register_forward_hook(leave))]
+    vocabulary = model.get_input_embeddings().num_embeddings
+    input_ids = torch.arange(rows * PROBE_LENGTH, device=device).reshape(rows, PROBE_LENGTH) % vocabulary
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -1] = 0
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    try:
+        with torch.enable_grad(), autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        del output  # the saved tensors stay alive (and their addresses unique) until here
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(saved.values()), inside["input_bytes"]
+
+
+class CheckpointBudget:
+    """Hooks on the model and its decoder: before each training forward, choose how many layers keep their
+    activations, from the positions the forward will pass through the decoder; every decoder pass of that forward
+    (one, or one per length group: common/loss.py) then checkpoints its first layers and keeps the last ones."""
+
+    def __init__(self, layers: list[torch.nn.Module], activations: LayerActivations, budget_bytes: float,
+                 positions_of: Callable[[dict], int] | None = None):
+        self.layers = layers
+        self.activations = activations
+        self.budget_bytes = budget_bytes
+        self.positions_of = positions_of  # a forward's keyword arguments -> the positions its decoder passes hold
+        self.kept = 0
+
+    def layers_kept(self, positions: int) -> int:
+        """How many layers can keep their activations when the decoder passes hold `positions` token positions."""
+        n, kept, ckpt = len(self.layers), self.activations.kept_bytes, self.activations.checkpointed_bytes
+        spare = self.budget_bytes / max(1, positions) - n * ckpt  # per position, with every layer checkpointed
+        if spare <= 0:
+            return 0
+        if kept <= ckpt:
+            return n
+        return min(n, int(spare // (kept - ckpt)))
+
+    def start_forward(self, module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        if self.positions_of is not None:
+            positions = self.positions_of(kwargs)
+        else:
+            tokens = kwargs.get("input_ids", args[0] if args else None)
+            tokens = kwargs["inputs_embeds"] if tokens is None else tokens
+            positions = tokens.shape[0] * tokens.shape[1]
+        self.kept = self.layers_kept(positions)
+        return None
+
+    def before_decoder(self, module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        for index, layer in enumerate(self.layers):
+            if getattr(layer, "_gradient_checkpointing_func", None) is not None:  # the Trainer enabled checkpointing
+                layer.gradient_checkpointing = index < len(self.layers) - self.kept
+        return None
+
+    def checkpointed_share(self, positions: int) -> float:
+        """The share of a pass's decoder layers that are checkpointed (recomputed in the backward pass)."""
+        return 1 - self.layers_kept(positions) / len(self.layers)
+
+    def describe(self) -> str:
+        a = self.activations
+        examples = ", ".join(f"{p:,} positions: {len(self.layers) - self.layers_kept(p)}" for p in (2_000, 5_000, 30_000))
+        return (f"gradient checkpointing within {self.budget_bytes / GIB:g} GiB of kept activations: a decoder layer "
+                f"keeps {a.kept_bytes / 1024:.1f} KiB a token position, {a.checkpointed_bytes / 1024:.1f} KiB "
+                f"checkpointed (measured); layers checkpointed of {len(self.layers)} for a batch of {examples}")
+
+
+def budget_checkpointing(model: torch.nn.Module, budget_gib: float, autocast_dtype: torch.dtype | None,
+                         positions_of: Callable[[dict], int] | None = None) -> CheckpointBudget | None:
+    """Install the per-batch choice on `model` (None for a model without checkpointable layers). It acts only once
+    the Trainer has enabled gradient checkpointing, and only in training forwards. `positions_of`: where the
+    model's forward does not pass the batch through the decoder as it is (common/loss.py splits long batches)."""
+    layers = decoder_layers(model)
+    if not layers:
+        return None
+    budget = CheckpointBudget(layers, measure_layer_activations(model, autocast_dtype), budget_gib * GIB,
+                              positions_of)
+    model.register_forward_pre_hook(budget.start_forward, with_kwargs=True)
+    model.get_decoder().register_forward_pre_hook(budget.before_decoder, with_kwargs=True)
+    return budget

@@ -1,0 +1,71 @@
+"""Checkpointing within an activation budget: what a layer keeps is measured, the choice follows the batch's size,
+and the gradients are those of checkpointing every layer."""
+
+import pytest
+import torch
+
+from common.checkpointing import GIB, CheckpointBudget, LayerActivations, budget_checkpointing, decoder_layers
+from common.models import load_model, load_tokenizer
+from tools.benchmark.plain_loop import enable_checkpointing
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("smoke")
+    return load_model("smoke", tokenizer)
+
+
+def test_the_probe_measures_what_a_layer_keeps_and_leaves_the_model_as_it_was():
+    model = tiny_model()
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    budget = budget_checkpointing(model, 1.0, None)
+    hidden = model.config.hidden_size
+    assert budget.activations.checkpointed_bytes == 4 * hidden  # a float32 layer input per position
+    # a layer keeps at least its input, its attention's q, k, v and output and its MLP's two intermediate tensors
+    assert budget.activations.kept_bytes > 4 * (hidden * 5 + 2 * model.config.intermediate_size)
+    half = budget_checkpointing(tiny_model(), 1.0, torch.bfloat16).activations
+    assert half.kept_bytes < budget.activations.kept_bytes  # bf16 autocast keeps its matmuls' operands in 2 bytes
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
+
+
+def test_layers_kept_shrink_as_batches_grow_until_every_layer_is_checkpointed():
+    layers = [torch.nn.Linear(1, 1) for _ in range(16)]
+    budget = CheckpointBudget(layers, LayerActivations(kept_bytes=90_000, checkpointed_bytes=8_192), 6 * GIB)
+    kept = [budget.layers_kept(p) for p in (100, 2_000, 5_000, 6_000, 20_000, 31_000, 10**6)]
+    assert kept == sorted(kept, reverse=True) and kept[0] == 16 and kept[-1] == 0
+    for positions, k in zip((100, 2_000, 5_000, 6_000, 20_000, 31_000), kept):
+        held = positions * (k * 90_000 + (16 - k) * 8_192)
+        assert held <= 6 * GIB or k == 0  # within the budget ...
+        if k < 16:  # ... and one layer more would not be
+            assert positions * ((k + 1) * 90_000 + (15 - k) * 8_192) > 6 * GIB
+    assert budget.checkpointed_share(100) == 0.0 and budget.checkpointed_share(10**6) == 1.0
+
+
+@pytest.mark.parametrize("kept_layers", [0, 1, 2])
+def test_gradients_equal_those_of_checkpointing_every_layer(kept_layers):
+    vocabulary = tiny_model().config.vocab_size
+    input_ids = torch.randint(0, vocabulary, (4, 12), generator=torch.Generator().manual_seed(1))
+
+    def train_step(kept_layers):
+        model = tiny_model()
+        model.train()
+        if kept_layers is not None:
+            budget = budget_checkpointing(model, 1.0, None)
+            a, n = budget.activations, len(budget.layers)
+            budget.budget_bytes = input_ids.numel() * (kept_layers * a.kept_bytes + (n - kept_layers) * a.checkpointed_bytes)
+            assert budget.layers_kept(input_ids.numel()) == kept_layers
+        enable_checkpointing(model, None)  # as the Trainer enables it
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
+        return {n: p.grad for n, p in model.named_parameters()}, flags
+
+    reference, every = train_step(None)  # the Trainer's checkpointing: every layer
+    assert every == [True, True]
+    grads, flags = train_step(kept_layers)
+    assert flags == [True] * (2 - kept_layers) + [False] * kept_layers  # the first layers checkpointed, the last kept
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0)
