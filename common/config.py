@@ -76,8 +76,9 @@ class EngineArguments:
     loss: str = field(
         default="answer-chunks",
         metadata={"help": "How the loss (mean cross-entropy over the answer tokens, the same in every choice) is "
-                  "computed: 'answer-chunks' projects only the answer tokens onto the vocabulary, a chunk at a time "
-                  "(common/loss.py; Llama, Mistral and Qwen2/3 models); 'liger-fused' Liger's fused linear "
+                  "computed: 'answer-chunks' projects only the answer tokens onto the vocabulary, a chunk at a time, "
+                  "and splits a batch whose rows differ much in length (common/loss.py; Llama, Mistral and Qwen2/3 "
+                  "models); 'liger-fused' Liger's fused linear "
                   "cross-entropy over every position (needs --liger); 'full-logits' the model's own forward, every position's logits held at once."},
     )
     train_sampling_strategy: str = field(

@@ -90,7 +90,7 @@ def _answer_token_forward(self, input_ids=None, attention_mask=None, labels=None
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     kwargs.setdefault("use_cache", False)
     decoder, weight = self.get_decoder(), self.get_output_embeddings().weight
-    groups = right_padded_groups(attention_mask) if input_ids is not None and attention_mask is not None else None
+    groups = length_groups_of(self, input_ids, attention_mask)
     if groups is None:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         return CausalLMOutputWithPast(loss=answer_token_loss(hidden, weight, labels, num_items_in_batch))
@@ -105,15 +105,31 @@ def _answer_token_forward(self, input_ids=None, attention_mask=None, labels=None
     return CausalLMOutputWithPast(loss=loss)
 
 
-def decoder_positions(forward_kwargs: dict) -> int:
-    """The token positions the answer-token forward passes through the decoder for these arguments (a training
-    forward: with labels)."""
+def decoder_positions(model: torch.nn.Module | None, forward_kwargs: dict) -> int:
+    """The token positions the answer-token forward of `model` passes through the decoder for these arguments (a
+    training forward, with labels); `model` None: a model that is not sharded."""
     input_ids, attention_mask = forward_kwargs.get("input_ids"), forward_kwargs.get("attention_mask")
-    groups = right_padded_groups(attention_mask) if input_ids is not None and attention_mask is not None else None
+    groups = length_groups_of(model, input_ids, attention_mask)
     if groups is None:
         tokens = input_ids if input_ids is not None else forward_kwargs["inputs_embeds"]
         return tokens.shape[0] * tokens.shape[1]
     return sum(len(rows) * length for rows, length in groups)
+
+
+def length_groups_of(model: torch.nn.Module | None, input_ids, attention_mask) -> list[tuple[list[int], int]] | None:
+    """The length groups of a training batch, or None to run it whole. FSDP gathers a layer's parameters for every
+    pass through it, so a sharded model runs its batches whole (the split is not measured there)."""
+    if input_ids is None or attention_mask is None or (model is not None and _sharded(model)):
+        return None
+    return right_padded_groups(attention_mask)
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    if not hasattr(model, "_answer_loss_sharded"):  # FSDP wraps the model once, when training starts
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        model._answer_loss_sharded = any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+    return model._answer_loss_sharded
 
 
 def right_padded_groups(attention_mask: torch.Tensor) -> list[tuple[list[int], int]] | None:

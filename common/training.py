@@ -4,6 +4,7 @@ PIQA accuracy."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -84,7 +85,7 @@ def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments,
     if engine.loss == "answer-chunks":
         use_answer_token_loss(model)
     if engine.gradient_checkpointing and engine.activation_budget_gib > 0:
-        positions_of = decoder_positions if engine.loss == "answer-chunks" else None
+        positions_of = functools.partial(decoder_positions, model) if engine.loss == "answer-chunks" else None
         return budget_checkpointing(model, engine.activation_budget_gib, autocast, positions_of)
     return None
 

@@ -131,7 +131,7 @@ def test_a_batch_split_by_length_has_the_loss_and_gradients_of_the_whole(models,
     monkeypatch.setattr(loss_module, "SPLIT_COST_POSITIONS", 16)
     monkeypatch.setattr(loss_module, "GROUP_ROWS", 2)
     assert [len(rows) for rows, _ in loss_module.right_padded_groups(attention_mask)] == [2, 14]
-    assert loss_module.decoder_positions(inputs) == 2 * 30 + 14 * 8
+    assert loss_module.decoder_positions(answers, inputs) == 2 * 30 + 14 * 8
     losses = []
     for model in (own, answers):
         model.zero_grad()
@@ -145,3 +145,18 @@ def test_a_batch_split_by_length_has_the_loss_and_gradients_of_the_whole(models,
             torch.testing.assert_close(p_answers.grad, p_own.grad, rtol=1e-4, atol=1e-6)
         else:  # bf16's rounding differs between the shapes
             assert torch.linalg.vector_norm(p_answers.grad - p_own.grad) <= 0.05 * torch.linalg.vector_norm(p_own.grad)
+
+
+def test_a_sharded_model_runs_its_batches_whole(models):
+    """Under FSDP each pass through a layer gathers its parameters again: no split, and the checkpointing budget
+    counts the whole batch."""
+    from common import loss as loss_module
+
+    _, answers = models
+    sharded = copy.deepcopy(answers)
+    sharded._answer_loss_sharded = True  # what _sharded finds on a model that FSDP wrapped
+    lengths = [240] * 16 + [60] * 112
+    inputs = {"input_ids": torch.zeros(128, 240, dtype=torch.long),
+              "attention_mask": torch.tensor([[1] * n + [0] * (240 - n) for n in lengths])}
+    assert loss_module.decoder_positions(answers, inputs) == 16 * 240 + 112 * 60
+    assert loss_module.decoder_positions(sharded, inputs) == 128 * 240

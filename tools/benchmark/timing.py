@@ -26,7 +26,7 @@ class CountingCollator:
 
         batch = self.inner(features)
         mask = batch["attention_mask"]
-        decoder = decoder_positions(batch) if self.splits_by_length else mask.numel()
+        decoder = decoder_positions(None, batch) if self.splits_by_length else mask.numel()
         self.batches.append((int(mask.sum()), mask.numel(), decoder))
         return batch
 
