@@ -145,6 +145,12 @@ class CheckpointBudget:
         """The share of a pass's decoder layers that are checkpointed (recomputed in the backward pass)."""
         return 1 - self.layers_kept(positions) / len(self.layers)
 
+    def record(self) -> dict:
+        """For metrics.json: the budget and what was measured."""
+        return {"budget_gib": self.budget_bytes / GIB, "decoder_layers": len(self.layers),
+                "kept_bytes_per_position_per_layer": self.activations.kept_bytes,
+                "checkpointed_bytes_per_position_per_layer": self.activations.checkpointed_bytes}
+
     def describe(self) -> str:
         a = self.activations
         examples = ", ".join(f"{p:,} positions: {len(self.layers) - self.layers_kept(p)}" for p in (2_000, 5_000, 30_000))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from common import artifacts, distributed, hub
+from common.checkpointing import CheckpointBudget
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
@@ -73,6 +74,7 @@ class Experiment:
     model: torch.nn.Module
     resume_from: Path | None  # the checkpoint to continue from (--resume)
     disk_estimate: dict  # what the checkpoints will need, and what the file system has free
+    checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
 
 
 def run(profile: Profile, argv: list[str] | None = None) -> int:
@@ -133,7 +135,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
         (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
     distributed.barrier()
     return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
-                      disk_estimate)
+                      disk_estimate, checkpoint_budget)
 
 
 def describe(profile: Profile) -> str:
@@ -213,6 +215,7 @@ def run_record(experiment: Experiment) -> dict:
         "profile": experiment.profile.name,
         "settings": asdict(experiment.profile),
         "engine": asdict(experiment.engine),
+        "activation_checkpointing": experiment.checkpoint_budget.record() if experiment.checkpoint_budget else None,
         "model": experiment.args.model,
         "parameters": count_parameters(experiment.model),
         "environment": environment(),

@@ -28,6 +28,9 @@ def test_smoke_run_writes_every_output(smoke_runs, script):
     assert metrics["train"]["mean_loss"] > 0
     assert metrics["timing"]["train_tokens_per_s"] > 0
     assert len(metrics["train"]["selection_accuracy_per_epoch"]) == 2
+    checkpointing = metrics["activation_checkpointing"]  # what the budget measured at start-up, in bytes
+    assert checkpointing["budget_gib"] == metrics["engine"]["activation_budget_gib"]
+    assert checkpointing["kept_bytes_per_position_per_layer"] > checkpointing["checkpointed_bytes_per_position_per_layer"] > 0
     for phase in ("zero_shot", "fine_tuned"):
         result = metrics["accuracy"][phase]["loglik"]
         assert result["n_examples"] == 40 and 0 <= result["acc_pct"] <= 100
