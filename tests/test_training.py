@@ -78,3 +78,19 @@ def test_ddp_comm_hook_is_handed_to_accelerate():
     assert trainer.accelerator.ddp_handler.comm_hook == DDPCommunicationHookType.NO
     configure_ddp_communication(trainer, EngineArguments(ddp_comm_hook="bf16"))
     assert trainer.accelerator.ddp_handler.comm_hook == DDPCommunicationHookType.BF16
+
+
+def test_the_allocator_setting_leaves_a_users_own_alone(monkeypatch):
+    import os
+
+    from common.config import EngineArguments
+    from common.training import configure_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    configure_allocator(EngineArguments(expandable_segments=False))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    configure_allocator(EngineArguments())
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    configure_allocator(EngineArguments())
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
