@@ -41,7 +41,7 @@ def answer_token_loss(
     head_weight: torch.Tensor,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
-    chunk_bytes: int | None = None,
+    chunk_bytes: int = CHUNK_LOGITS_BYTES,
 ) -> torch.Tensor:
     """Cross-entropy of next-token prediction at the positions whose next label is not IGNORE_INDEX.
 
@@ -53,7 +53,7 @@ def answer_token_loss(
     answers = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)  # the one wait for the GPU: how many answer tokens
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, answers)  # [answer tokens, hidden]
     targets = targets.index_select(0, answers)
-    chunk_rows = max(1, (chunk_bytes or CHUNK_LOGITS_BYTES) // (4 * head_weight.shape[0]))
+    chunk_rows = max(1, chunk_bytes // (4 * head_weight.shape[0]))
     chunk_sums = [checkpoint(_summed_cross_entropy, rows[start : start + chunk_rows], head_weight,
                              targets[start : start + chunk_rows], use_reentrant=False)
                   for start in range(0, rows.shape[0], chunk_rows)]
