@@ -16,9 +16,10 @@ class CountingCollator:
     """The project's collator, counting real and padded tokens of every batch it builds, and the positions the
     decoder passes over (fewer where the answer-token loss splits a batch by length: common/loss.py)."""
 
-    def __init__(self, inner, splits_by_length: bool = False):
+    def __init__(self, inner, splits_by_length: bool = False, length_multiple: int | None = None):
         self.inner = inner
         self.splits_by_length = splits_by_length
+        self.length_multiple = length_multiple  # the groups' padding multiple (the collator's pad_to_multiple_of)
         self.batches: list[tuple[int, int, int]] = []  # (non-padding tokens, all tokens, decoder positions)
 
     def __call__(self, features: list[dict]) -> dict:
@@ -26,7 +27,7 @@ class CountingCollator:
 
         batch = self.inner(features)
         mask = batch["attention_mask"]
-        decoder = decoder_positions(None, batch) if self.splits_by_length else mask.numel()
+        decoder = decoder_positions(None, batch, self.length_multiple) if self.splits_by_length else mask.numel()
         self.batches.append((int(mask.sum()), mask.numel(), decoder))
         return batch
 

@@ -160,7 +160,7 @@ def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dat
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
     training_args = build_training_arguments(experiment, engine, config.profile, run_dir, timing_only=True)
     collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of),
-                                splits_by_length=engine.loss == "answer-chunks")
+                                splits_by_length=engine.loss == "answer-chunks", length_multiple=engine.pad_to_multiple_of)
     return Workload(model, engine, training_args, collator, features, count_parameters(model), checkpoint_budget)
 
 
