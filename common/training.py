@@ -77,13 +77,15 @@ def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments,
     twice is harmless.) Returns the per-batch checkpointing choice, where the engine checkpoints within a budget."""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(engine.cudnn_attention)
+        # cuBLASLt picks a kernel for a new matmul shape (every batch length is one) in less host time than cuBLAS
+        torch.backends.cuda.preferred_blas_library("cublaslt" if engine.cublaslt else "default")
     if engine.liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
 
         _apply_liger_kernel_to_instance(model=model, **liger_kernel_config(engine))
     use_fused_rms_norm(model)
     if engine.loss == "answer-chunks":
-        use_answer_token_loss(model)
+        use_answer_token_loss(model, engine.pad_to_multiple_of)
     if engine.gradient_checkpointing and engine.activation_budget_gib > 0:
         positions_of = functools.partial(decoder_positions, model) if engine.loss == "answer-chunks" else None
         return budget_checkpointing(model, engine.activation_budget_gib, autocast, positions_of)
