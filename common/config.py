@@ -95,12 +95,6 @@ class EngineArguments:
         metadata={"help": "PyTorch's expandable-segments CUDA allocator (less memory lost to fragmentation); set "
                   "before CUDA starts, unless PYTORCH_CUDA_ALLOC_CONF is already set."},
     )
-    cublaslt: bool = field(
-        default=True,
-        metadata={"help": "cuBLASLt instead of cuBLAS for matrix multiplications on CUDA GPUs: each batch length is a "
-                  "new matmul shape, and cuBLASLt chooses a kernel for one in less host time (docs/benchmarks.md). "
-                  "PyTorch calls this switch experimental; --no-cublaslt leaves PyTorch's default."},
-    )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile."})
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad each batch to a multiple of this many tokens (fewer distinct shapes)."}

@@ -77,8 +77,6 @@ def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments,
     twice is harmless.) Returns the per-batch checkpointing choice, where the engine checkpoints within a budget."""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(engine.cudnn_attention)
-        # cuBLASLt picks a kernel for a new matmul shape (every batch length is one) in less host time than cuBLAS
-        torch.backends.cuda.preferred_blas_library("cublaslt" if engine.cublaslt else "default")
     if engine.liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
 

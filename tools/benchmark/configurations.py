@@ -15,7 +15,6 @@ TRAINER_DEFAULTS = EngineArguments(
     gradient_checkpointing=False,
     activation_budget_gib=0.0,  # the Trainer's checkpointing: every decoder layer
     expandable_segments=False,  # PyTorch's allocator default
-    cublaslt=False,  # PyTorch's default BLAS library: cuBLAS
     optim="adamw_torch_fused",
     liger=False,
     loss="full-logits",  # the model's own forward: every position's logits
@@ -31,7 +30,6 @@ ENGINE_STEPS = (
     ("train_sampling_strategy", "length-grouped batches"),
     ("gradient_accumulation_steps", "micro-batch 128 x 1"),
     ("expandable_segments", "expandable-segments allocator"),
-    ("cublaslt", "cuBLASLt matmuls"),
     ("activation_budget_gib", f"checkpointing within a {EngineArguments().activation_budget_gib:g} GiB activation "
                               "budget = the shared engine, both scripts' defaults"),
 )
@@ -128,7 +126,6 @@ def loss_choices(batch_size: int) -> list[BenchConfig]:
         ("budget-3", {"activation_budget_gib": 3.0}, "checkpointing within a 3 GiB activation budget"),
         ("budget-12", {"activation_budget_gib": 12.0}, "checkpointing within a 12 GiB activation budget"),
         ("no-ckpt", {"gradient_checkpointing": False}, "no gradient checkpointing"),
-        ("no-cublaslt", {"cublaslt": False}, "cuBLAS matmuls (PyTorch's default) instead of cuBLASLt"),
         ("pad-8", {"pad_to_multiple_of": 8}, "every batch and length group padded to a multiple of 8 tokens"),
         ("pad-16", {"pad_to_multiple_of": 16}, "every batch and length group padded to a multiple of 16 tokens"),
     ]
