@@ -160,3 +160,43 @@ def test_a_sharded_model_runs_its_batches_whole(models):
               "attention_mask": torch.tensor([[1] * n + [0] * (240 - n) for n in lengths])}
     assert loss_module.decoder_positions(answers, inputs) == 16 * 240 + 112 * 60
     assert loss_module.decoder_positions(sharded, inputs) == 128 * 240
+
+
+def test_length_groups_keep_the_padding_multiple():
+    """With --pad-to-multiple-of, each group is padded to a multiple of it too (never past the batch's width)."""
+    from common.loss import right_padded_groups
+
+    lengths = [61] * 112 + [237] * 16
+    mask = torch.tensor([[1] * n + [0] * (240 - n) for n in lengths])
+    assert [length for _, length in right_padded_groups(mask)] == [237, 61]
+    assert [length for _, length in right_padded_groups(mask, 16)] == [240, 64]
+    assert [length for _, length in right_padded_groups(mask, 128)] == [240, 128]
+
+
+def test_a_batch_is_grouped_once_for_the_budget_and_the_loss(models, monkeypatch):
+    """The checkpointing budget's hook and the loss read the same batch's groups: the mask goes to the host once."""
+    from common import loss as loss_module
+
+    _, answers = models
+    calls = []
+    original = loss_module.right_padded_groups
+    monkeypatch.setattr(loss_module, "right_padded_groups", lambda *a: calls.append(1) or original(*a))
+    inputs = batch()
+    loss_module.decoder_positions(answers, inputs)
+    answers(**inputs).loss.backward()
+    assert len(calls) == 1
+    answers(**batch())  # a new batch: grouped anew
+    assert len(calls) == 2
+
+
+def test_answer_positions_given_by_the_caller_give_the_same_loss():
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(3, 12, 16, generator=generator)
+    weight = torch.randn(50, 16, generator=generator)
+    labels = torch.randint(0, 50, (3, 12), generator=generator)
+    labels[:, :5] = IGNORE_INDEX
+    answers = labels[:, 1:].reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+    expected = answer_token_loss(hidden, weight, labels)
+    assert answer_token_loss(hidden, weight, labels, answers=answers).item() == expected.item()
+    assert answer_token_loss(hidden, weight, labels, chunk_bytes=4 * 50 * 7, answers=answers).item() == \
+        pytest.approx(expected.item(), rel=1e-6)
