@@ -62,7 +62,7 @@ def configurations(batch_size: int = 128, world_size: int = 1) -> list[BenchConf
     On one GPU, last: the scripts' configurations in a plain PyTorch loop (the reference rows; one process only)."""
     configs = grid(batch_size) + pinned_memory(batch_size) + [seed_original()]
     if world_size == 1:
-        configs += loss_choices(batch_size) + plain_loops(batch_size)
+        configs += engine_variants(batch_size) + plain_loops(batch_size)
     else:
         configs += ddp_probes(batch_size)
     return configs
@@ -118,8 +118,9 @@ def seed_original() -> BenchConfig:
     )
 
 
-def loss_choices(batch_size: int) -> list[BenchConfig]:
-    """The shared engine with another way to compute the loss (--loss), or without Liger's kernels, per profile."""
+def engine_variants(batch_size: int) -> list[BenchConfig]:
+    """The shared engine with one setting changed (the loss, Liger, the activation budget, checkpointing, padding to a
+    multiple), per profile: the 'explore' rows."""
     variants = [
         ("loss-liger-fused", {"loss": "liger-fused"}, "Liger's fused linear cross-entropy over every position"),
         ("no-liger", {"liger": False}, "no Liger kernels (PyTorch's SwiGLU and RoPE)"),
