@@ -98,6 +98,13 @@ def _saved_by_layers(model, layers, rows: int, device, autocast_dtype) -> tuple[
     return sum(saved.values()), inside["input_bytes"]
 
 
+def batch_positions(forward_kwargs: dict, args: tuple = ()) -> int:
+    """The token positions of a forward's batch as it is: rows x length of its input_ids (or inputs_embeds)."""
+    tokens = forward_kwargs.get("input_ids", args[0] if args else None)
+    tokens = forward_kwargs["inputs_embeds"] if tokens is None else tokens
+    return tokens.shape[0] * tokens.shape[1]
+
+
 class CheckpointBudget:
     """Hooks on the model and its decoder: before each training forward, choose how many layers keep their
     activations, from the positions the forward will pass through the decoder; every decoder pass of that forward
@@ -124,12 +131,7 @@ class CheckpointBudget:
     def start_forward(self, module, args, kwargs):
         if not (module.training and torch.is_grad_enabled()):
             return None
-        if self.positions_of is not None:
-            positions = self.positions_of(kwargs)
-        else:
-            tokens = kwargs.get("input_ids", args[0] if args else None)
-            tokens = kwargs["inputs_embeds"] if tokens is None else tokens
-            positions = tokens.shape[0] * tokens.shape[1]
+        positions = self.positions_of(kwargs) if self.positions_of is not None else batch_positions(kwargs, args)
         self.kept = self.layers_kept(positions)
         return None
 

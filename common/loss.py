@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from common.checkpointing import batch_positions
 from common.config import ConfigError
 from common.data import IGNORE_INDEX
 
@@ -138,8 +139,7 @@ def decoder_positions(model: torch.nn.Module | None, forward_kwargs: dict, lengt
     input_ids, attention_mask = forward_kwargs.get("input_ids"), forward_kwargs.get("attention_mask")
     groups = length_groups_of(model, input_ids, attention_mask, length_multiple)
     if groups is None:
-        tokens = input_ids if input_ids is not None else forward_kwargs["inputs_embeds"]
-        return tokens.shape[0] * tokens.shape[1]
+        return batch_positions(forward_kwargs)
     return sum(len(rows) * length for rows, length in groups)
 
 

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from common.config import EngineArguments
+from common.data import IGNORE_INDEX
 from tools.benchmark.configurations import BenchConfig
 from tools.benchmark.timing import CountingCollator, make_step_timer, measure
 from tools.benchmark.train_row import (
@@ -180,7 +181,7 @@ def optimizer_step(bench: PlainSetup, micro_batches: list[dict]):
     model.train()
     # The Trainer's num_items_in_batch: answer tokens over the whole step (labels shifted by one), so each
     # micro-batch's loss is its share of the step's token mean.
-    items = sum(b["labels"][..., 1:].ne(-100).sum() for b in micro_batches)
+    items = sum(b["labels"][..., 1:].ne(IGNORE_INDEX).sum() for b in micro_batches)
     autocast = functools.partial(torch.autocast, bench.device.type, dtype=bench.half) if bench.half \
         else contextlib.nullcontext
     step_loss = torch.zeros((), device=bench.device)

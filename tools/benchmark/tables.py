@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tools.benchmark.configurations import PLAIN_LOOP
+
 
 def num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
@@ -88,7 +90,7 @@ def reference_lines(rows: list[dict[str, Any]]) -> list[str]:
     done = {r["name"]: r for r in rows if "error" not in r and r.get("tokens_per_s")}
     lines = []
     for plain in done.values():
-        trainer = done.get(plain.get("trainer_twin", "")) if plain.get("engine_path") == "plain loop" else None
+        trainer = done.get(plain.get("trainer_twin", "")) if plain.get("engine_path") == PLAIN_LOOP else None
         if trainer is not None:
             lines.append(f"Trainer / plain loop, {trainer['name']}: {trainer['tokens_per_s']:,.0f} / "
                          f"{plain['tokens_per_s']:,.0f} non-pad tok/s = "
