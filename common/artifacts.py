@@ -14,6 +14,24 @@ CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint-<step> folders
 
 PHASES = ("zero_shot", "fine_tuned")  # the two reported evaluations
 
+# Where a run's wall clock went: metrics.json's timing.phases_s, in seconds, in the order they happen. They add up
+# to timing.wall_s (from the process's start); "other" is what no phase claims.
+TIME_PHASES: tuple[tuple[str, str], ...] = (
+    ("startup", "process start to the first evaluation: imports, arguments, data, tokenizer, model, engine set-up"),
+    ("eval_zero_shot", "accuracy of the model before training, on the reported examples"),
+    ("train_steps", "the Trainer's training steps (forward, backward, optimizer, data loading) and its set-up"),
+    ("select", "the selection passes at each epoch's end (accuracy on the held-out selection slice)"),
+    ("checkpoint_save", "training stopped for a checkpoint: its state copied to host memory (written in the background)"),
+    ("checkpoint_wait", "after the last step: waiting for the background checkpoint writes to finish"),
+    ("load_best", "loading the best checkpoint at the end (load_best_model_at_end)"),
+    ("eval_fine_tuned", "accuracy of the final model, on the reported examples"),
+    ("final_save", "writing final_model/"),
+    ("other", "what no phase above claims: the summary, metrics.json, the Trainer's teardown"),
+)
+
+# The phase column of densenetsmi.txt: what the run was doing when the sample was taken.
+MONITOR_PHASES = ("eval", "train", "select", "save", "load")
+
 
 def predictions(phase: str, method: str) -> str:
     """One JSON record a reported example: predictions_zero_shot.jsonl, predictions_fine_tuned_generate.jsonl, ..."""
@@ -29,7 +47,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 GPU_LOG_COLUMNS: tuple[tuple[str, str], ...] = (
     ("time", "wall-clock time, ISO 8601 with UTC offset"),
     ("elapsed_s", "seconds since monitoring started"),
-    ("phase", "eval, train or select (what the run was doing)"),
+    ("phase", "eval, train, select, save (checkpoint or final model) or load (best checkpoint): what the run was doing"),
     ("gpu", "CUDA device index in this process (torch's cuda:N)"),
     ("nvml_index", "index of the same GPU in NVML and nvidia-smi"),
     ("name", "GPU name"),
