@@ -1,0 +1,155 @@
+"""Checkpoints written in the background: training stops only to copy the state to host memory.
+
+A checkpoint of the 1B model is 14 GiB (fp32 weights + AdamW state); the Trainer writes it on the training thread,
+which left the GPU idle for ~20 s at each epoch's end (issue 23). Here the training thread copies the weights and
+the optimizer state into page-locked host buffers (about a second), writes the small files itself, and a
+background thread writes the two large ones. The layout is the Trainer's own (`--resume` and load_best_model_at_end
+read it as usual). A checkpoint is written as `tmp-checkpoint-<step>` and renamed to `checkpoint-<step>` only once
+complete, so a crash mid-write never leaves a checkpoint that resume or the best-model load would pick up. (Like the
+Trainer, it leaves flushing to the operating system: a power loss is not covered.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.artifacts import CHECKPOINT_PREFIX
+
+STAGING_PREFIX = "tmp-" + CHECKPOINT_PREFIX  # not matched by checkpoint-* globs: invisible to resume and rotation
+OPTIMIZER_FILE = "optimizer.pt"  # transformers' OPTIMIZER_NAME
+
+
+def staging_dir(checkpoint_dir: Path) -> Path:
+    return checkpoint_dir.parent / (STAGING_PREFIX + checkpoint_dir.name[len(CHECKPOINT_PREFIX):])
+
+
+class HostSnapshot:
+    """Host copies of a nested state (dicts, lists, tensors), in page-locked buffers kept from one save to the next.
+
+    Tensors that share storage on the device (tied embeddings) share one host buffer, as save_pretrained expects.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, state: Any, prefix: str = "") -> Any:
+        seen: dict[tuple, torch.Tensor] = {}
+        return self._copy(state, prefix, seen)
+
+    def _copy(self, value: Any, path: str, seen: dict) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+            if key in seen:
+                return seen[key]
+            seen[key] = self._copy_tensor(value.detach(), path)
+            return seen[key]
+        if isinstance(value, dict):
+            return {k: self._copy(v, f"{path}/{k}", seen) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(v, f"{path}/{i}", seen) for i, v in enumerate(value))
+        return value
+
+    def _copy_tensor(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
+        buffer = self._buffers.get(path)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            pin = self.pin and tensor.is_cuda
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[path] = buffer
+        buffer.copy_(tensor, non_blocking=tensor.is_cuda)  # asynchronous from the device; synchronised in stage()
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.untyped_storage().nbytes() for b in self._buffers.values())
+
+
+@dataclass
+class PendingWrite:
+    staging: Path
+    final: Path
+    model_state: dict  # host tensors
+    optimizer_state: dict | None  # host tensors; None: weights only
+    after: Any  # callable run once the checkpoint is complete (rotation)
+    started_s: float = field(default_factory=time.perf_counter)
+
+
+class CheckpointWriter:
+    """One background thread writing one checkpoint at a time; `wait()` for the last, errors raised on the caller's
+    thread at the next `stage()` or `wait()`. The host buffers are reused, so a new save first waits for the last."""
+
+    def __init__(self, model: torch.nn.Module, pin: bool) -> None:
+        self.model = model  # the unwrapped PreTrainedModel: its save_pretrained writes config and weights
+        self._model_buffers = HostSnapshot(pin)
+        self._optimizer_buffers = HostSnapshot(pin)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.write_seconds: list[float] = []  # each checkpoint's background write, s
+
+    def stage(self, final: Path, model_state: dict, optimizer_state: dict | None, after=None) -> Path:
+        """Copy the states to host memory and start writing them; returns the staging directory, where the caller
+        writes the small files now (they must be there before the rename)."""
+        self.wait()
+        staging = staging_dir(final)
+        if staging.exists():
+            shutil.rmtree(staging)  # an earlier run's interrupted write of this step
+        staging.mkdir(parents=True)
+        host_model = self._model_buffers.copy(model_state)
+        host_optimizer = self._optimizer_buffers.copy(optimizer_state) if optimizer_state is not None else None
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # the host copies are complete before the thread reads them
+        pending = PendingWrite(staging, final, host_model, host_optimizer, after)
+        return self._start(pending)
+
+    def _start(self, pending: PendingWrite) -> Path:
+        self._pending = pending
+        self._ready = threading.Event()  # set once the caller has written the small files
+        self._thread = threading.Thread(target=self._write, args=(pending,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+        return pending.staging
+
+    def small_files_written(self) -> None:
+        """The caller's files are in the staging directory: the rename may happen once the large ones are too."""
+        self._ready.set()
+
+    def _write(self, pending: PendingWrite) -> None:
+        try:
+            self.model.save_pretrained(str(pending.staging), state_dict=pending.model_state)
+            if pending.optimizer_state is not None:
+                torch.save(pending.optimizer_state, pending.staging / OPTIMIZER_FILE)
+            self._ready.wait()
+            if pending.final.exists():
+                shutil.rmtree(pending.final)  # a checkpoint of the same step from an earlier session (resume)
+            os.replace(pending.staging, pending.final)
+            if pending.after is not None:
+                pending.after()
+            self.write_seconds.append(time.perf_counter() - pending.started_s)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread at its next save or wait
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the write in progress is complete; raise its error, if it had one."""
+        if self._thread is not None:
+            self._ready.set()  # a caller that failed before small_files_written must not hang the thread
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def host_buffer_bytes(self) -> int:
+        return self._model_buffers.nbytes + self._optimizer_buffers.nbytes
+
