@@ -95,6 +95,24 @@ class EngineArguments:
         metadata={"help": "PyTorch's expandable-segments CUDA allocator (less memory lost to fragmentation); set "
                   "before CUDA starts, unless PYTORCH_CUDA_ALLOC_CONF is already set."},
     )
+    background_checkpoints: bool = field(
+        default=True,
+        metadata={"help": "Write checkpoints from a background thread: training stops only to copy the weights and "
+                  "optimizer state into host memory (page-locked; 14 GiB for a 1B model), and a checkpoint counts "
+                  "once complete (common/checkpoint_writer.py). --no-background-checkpoints: the Trainer's own save."},
+    )
+    fit_memory: bool = field(
+        default=True,
+        metadata={"help": "Fit gradient accumulation, the activation budget and the evaluation's logits to this GPU's "
+                  "memory before training (common/memory_plan.py): the flags' values are kept where they fit, the "
+                  "change is said in one line. --no-fit-memory: the flags exactly as given."},
+    )
+    gpu_memory_gib: float | None = field(
+        default=None,
+        metadata={"help": "Use at most this many GiB of GPU memory: caps torch's allocator, and --fit-memory plans "
+                  "for it. To share a GPU, or to try a smaller card's memory (a 24 GB card less its CUDA context: "
+                  "22). Default: the whole GPU."},
+    )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile."})
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad each batch, and each length group of --loss answer-chunks, to a multiple of "
@@ -124,6 +142,8 @@ class EngineArguments:
             raise ConfigError(f"--activation-budget-gib must be 0 or more, got {self.activation_budget_gib}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ConfigError(f"--pad-to-multiple-of must be at least 1, got {self.pad_to_multiple_of}")
+        if self.gpu_memory_gib is not None and not 0 < self.gpu_memory_gib < float("inf"):
+            raise ConfigError(f"--gpu-memory-gib must be a positive number of GiB, got {self.gpu_memory_gib}")
         if self.ddp_comm_hook not in (None, *DDP_COMM_HOOKS):
             raise ConfigError(f"--ddp-comm-hook must be one of {', '.join(DDP_COMM_HOOKS)}, got {self.ddp_comm_hook!r}")
 

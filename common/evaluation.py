@@ -63,6 +63,7 @@ def evaluate(
     progress: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     shard: tuple[int, int] | None = None,
+    logits_bytes: int = LOGITS_BUDGET_BYTES,
 ) -> EvalResult:
     """Accuracy of `model` on `examples` with one method; the model's train/eval mode is restored afterwards.
 
@@ -88,7 +89,8 @@ def evaluate(
     model.eval()
     try:
         if method == "loglik":
-            result = _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard)
+            result = _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard,
+                                      logits_bytes)
         else:
             result = _evaluate_generate(
                 model, tokenizer, examples, batch_size, autocast_dtype, progress, max_new_tokens, shard
@@ -119,6 +121,7 @@ def score_loglik(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
+    logits_bytes: int = LOGITS_BUDGET_BYTES,
 ) -> list[tuple[float, float] | None]:
     """Summed log-probability of ` {sol1}` and ` {sol2}` given `Question: {goal}\\nAnswer:`, per example
     (None for the examples in other ranks' batches, with `shard`: see `evaluate`).
@@ -148,14 +151,15 @@ def score_loglik(
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
     vocab_size = inner.get_output_embeddings().weight.shape[0]
-    batches, fillers = _share(_batches_within_budget(order, sequences, batch_size, vocab_size, LOGITS_BUDGET_BYTES),
+    batches, fillers = _share(_batches_within_budget(order, sequences, batch_size, vocab_size, logits_bytes),
                               shard)
     scores: list[float | None] = [None] * len(sequences)
     with torch.inference_mode(), batching.autocast(device, autocast_dtype):
         for batch in batching.progress_bar(batches, progress, "loglik"):
             rows = [2 * i + choice for i in batch for choice in (0, 1)]
             batch_scores = _score_batch(
-                model, [sequences[r] for r in rows], device, batching.pad_id(tokenizer), takes_logits_to_keep
+                model, [sequences[r] for r in rows], device, batching.pad_id(tokenizer), takes_logits_to_keep,
+                logits_bytes
             )
             for row, score in zip(rows, batch_scores):
                 scores[row] = score
@@ -202,6 +206,7 @@ def _score_batch(
     device: torch.device,
     pad_id: int,
     takes_logits_to_keep: bool,
+    logits_bytes: int = LOGITS_BUDGET_BYTES,
 ) -> list[float]:
     """Summed continuation log-probs of left-padded sequences; logits only for the last `keep` positions."""
     input_ids, attention_mask = batching.left_pad([ids for ids, _ in sequences], pad_id, device)
@@ -224,7 +229,8 @@ def _score_batch(
     ).logits[:, -keep:, :]
 
     # log_softmax in float32 on a few rows at a time: the [rows x keep x vocab] float32 buffer stays bounded.
-    rows_per_chunk = max(1, LOG_SOFTMAX_CHUNK_BYTES // (keep * logits.shape[-1] * 4))
+    chunk_bytes = min(LOG_SOFTMAX_CHUNK_BYTES, logits_bytes // 4)  # a quarter of the logits' bound, on small cards
+    rows_per_chunk = max(1, chunk_bytes // (keep * logits.shape[-1] * 4))
     token_logprobs = torch.empty(targets.shape, dtype=torch.float32, device=device)
     for start in range(0, len(sequences), rows_per_chunk):
         chunk = slice(start, start + rows_per_chunk)
@@ -233,8 +239,9 @@ def _score_batch(
     return (token_logprobs * target_mask).sum(dim=-1).tolist()
 
 
-def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard) -> EvalResult:
-    scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard)
+def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard,
+                     logits_bytes: int = LOGITS_BUDGET_BYTES) -> EvalResult:
+    scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard, logits_bytes)
     records = []
     for example, pair in zip(examples, scores):
         if pair is None:  # in another rank's batches

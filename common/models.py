@@ -153,29 +153,32 @@ def check_model_path(model: str) -> None:
         raise ModelLoadError(f"--model {model}: the directory holds no model (no config.json)")
 
 
-def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: str | None = None) -> torch.nn.Module:
-    """Weights in fp32: the Trainer's mixed precision keeps fp32 master weights and autocasts."""
+def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: str | None = None,
+               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Weights in fp32 on `device`: the Trainer's mixed precision keeps fp32 master weights and autocasts."""
     if model == SMOKE_MODEL:
         torch.manual_seed(0)
-        return LlamaForCausalLM(smoke_config(tokenizer))
+        return LlamaForCausalLM(smoke_config(tokenizer)).to(device)
     if model == LLAMA_3_2_1B_RANDOM:
         torch.manual_seed(0)
-        return LlamaForCausalLM(llama_3_2_1b_config())
+        with torch.device(device):  # initialised where it runs: on a CPU 1.2 B random draws take ~10 s
+            return LlamaForCausalLM(llama_3_2_1b_config())
     check_model_path(model)
     path = Path(model)
     try:
         if path.suffix == ".gguf":
             gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-            return _as_plain_model(gguf_model)
+            return _as_plain_model(gguf_model).to(device)
         # Hub weights only as safetensors (no pickle); a local folder may hold .bin, which transformers
         # reads with torch.load(weights_only=True).
-        return AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             model,
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
             token=token,
             use_safetensors=None if path.is_dir() else True,
         )
+        return loaded.to(device)
     except Exception as err:  # noqa: BLE001 - re-raised as one clear line
         raise ModelLoadError(explain_load_failure(model, err)) from err
 

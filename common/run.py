@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from common.config import ConfigError, EngineArguments, ExperimentArguments, Pro
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
 from common.evaluation import write_predictions
+from common.memory_plan import MemoryPlan, fit_to_gpu, planned_engine
 from common.models import (
     ModelLoadError,
     check_model_path,
@@ -35,17 +35,19 @@ from common.models import (
     resolve_model_argument,
 )
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
+from common.phases import PhaseTimes
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib, first_free_dir
 from common.training import (
     PiqaTrainer,
-    apply_engine_to_model,
     autocast_dtype,
     build_training_arguments,
     check_visible_gpus,
     compute_device,
     configure_allocator,
     configure_ddp_communication,
+    install_checkpoint_budget,
+    install_kernels,
     usable_engine,
 )
 
@@ -74,6 +76,9 @@ class Experiment:
     model: torch.nn.Module
     resume_from: Path | None  # the checkpoint to continue from (--resume)
     disk_estimate: dict  # what the checkpoints will need, and what the file system has free
+    train_features: list[dict]  # the training examples tokenized (empty with --eval-only)
+    truncated: int  # training examples --max-length cut
+    memory_plan: MemoryPlan | None  # the engine's memory settings as fitted to this GPU (None on a CPU)
     checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
 
 
@@ -119,8 +124,15 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
     data = build_experiment_data(args.data_dir, args.smoke, args.train_samples, args.selection_samples,
                                  args.eval_sample_count(), args.seed, need_train=not args.eval_only)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
-    model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
-    checkpoint_budget = apply_engine_to_model(model, engine, autocast_dtype(profile))
+    model = load_model(args.model, tokenizer, args.trust_remote_code, args.token, device=compute_device())
+    features, truncated = ([], 0) if args.eval_only else tokenize_examples(data.train, tokenizer, args.max_length)
+    install_kernels(model, engine)
+    memory_plan = fit_to_gpu(model, engine, [len(f["input_ids"]) for f in features], args.batch_size, world_size())
+    if memory_plan:
+        engine = planned_engine(engine, memory_plan)
+        if is_main_process():
+            print(memory_plan.describe())
+    checkpoint_budget = install_checkpoint_budget(model, engine, autocast_dtype(profile))
     if checkpoint_budget and is_main_process() and not args.eval_only:
         print(checkpoint_budget.describe())
     disk_estimate = {}
@@ -135,7 +147,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
         (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
     distributed.barrier()
     return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
-                      disk_estimate, checkpoint_budget)
+                      disk_estimate, features, truncated, memory_plan, checkpoint_budget)
 
 
 def describe(profile: Profile) -> str:
@@ -166,29 +178,29 @@ def hub_needs(args) -> dict[str, str]:
 
 
 def carry_out(experiment: Experiment) -> int:
-    """The experiment itself, monitored; metrics.json is rewritten after every phase, also when interrupted."""
+    """The experiment itself, monitored and timed phase by phase; metrics.json is rewritten after every phase, also
+    when interrupted."""
     args, run_dir = experiment.args, experiment.run_dir
-    started_s = time.perf_counter()
     metrics = MetricsFile(run_dir / artifacts.METRICS, run_record(experiment), write=is_main_process())
     torch_peaks: dict = {}
     monitor = GpuMonitor(run_dir / artifacts.GPU_LOG, interval_s=args.monitor_interval, pmon=args.pmon, phase="eval")
+    phases = PhaseTimes(on_change=monitor.set_phase)
     status = "failed"  # until the run ends normally or is interrupted
     try:
         with monitor:
-            with torch_peak_memory("eval_zero_shot", torch_peaks):
+            with torch_peak_memory("eval_zero_shot", torch_peaks), phases.phase("eval_zero_shot"):
                 report_accuracy(experiment, "zero_shot", metrics)
             if not args.eval_only:
-                monitor.set_phase("train")
-                with torch_peak_memory("train", torch_peaks):
-                    trainer = train(experiment, monitor, metrics)
+                with torch_peak_memory("train", torch_peaks), phases.phase("train_steps"):
+                    trainer = train(experiment, phases, metrics)
                 torch_peaks["train"] = trainer.peaks.training_peaks(torch_peaks["train"])
                 if torch_peaks["train"].get("max_allocated_mib") is not None:
                     torch_peaks["select"] = trainer.peaks.select
                 experiment.model = trainer.model
-                monitor.set_phase("eval")
-                with torch_peak_memory("eval", torch_peaks, empty_cache=True):
+                with torch_peak_memory("eval", torch_peaks, empty_cache=True), phases.phase("eval_fine_tuned"):
                     report_accuracy(experiment, "fine_tuned", metrics)
-                save_final_model(experiment, trainer)
+                with phases.phase("final_save"):
+                    save_final_model(experiment, trainer)
         status = "finished"
     except KeyboardInterrupt as interrupt:
         status = "interrupted"
@@ -197,11 +209,15 @@ def carry_out(experiment: Experiment) -> int:
     finally:
         checkpoints_mib = sum(directory_size_mib(p) for p in artifacts.checkpoints(run_dir))
         metrics.update(
-            timing={"wall_s": time.perf_counter() - started_s},
+            timing=phases.record(),
             memory={"nvml": monitor.summary(), "torch": torch_peaks},
             disk={"checkpoints_mib": checkpoints_mib, **experiment.disk_estimate},
             status=status,
         )
+        steps_s = metrics.data["timing"]["phases_s"]["train_steps"]
+        tokens = metrics.data.get("train", {}).get("session_tokens")
+        if steps_s and tokens:
+            metrics.update(timing={"train_steps_tokens_per_s": tokens / steps_s})  # without selection and saves
     if is_main_process():
         print(f"\n== {experiment.profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
         print(format_summary(metrics.data["memory"]["nvml"], torch_peaks))
@@ -216,6 +232,7 @@ def run_record(experiment: Experiment) -> dict:
         "settings": asdict(experiment.profile),
         "engine": asdict(experiment.engine),
         "activation_checkpointing": experiment.checkpoint_budget.record() if experiment.checkpoint_budget else None,
+        "memory_plan": experiment.memory_plan.record() if experiment.memory_plan else None,
         "model": experiment.args.model,
         "parameters": count_parameters(experiment.model),
         "environment": environment(),
@@ -234,6 +251,7 @@ def report_accuracy(experiment: Experiment, phase: str, metrics: MetricsFile) ->
         result = evaluate_on_all_ranks(
             experiment.model, experiment.tokenizer, experiment.data.report, method=method,
             batch_size=args.eval_batch_size, autocast_dtype=experiment.autocast_dtype, progress=is_main_process(),
+            **eval_memory(experiment),
         )
         results[method] = result.metrics()
         if not is_main_process():
@@ -250,10 +268,16 @@ def report_accuracy(experiment: Experiment, phase: str, metrics: MetricsFile) ->
     metrics.update(accuracy=accuracy)
 
 
-def train(experiment: Experiment, monitor: GpuMonitor, metrics: MetricsFile) -> PiqaTrainer:
+def eval_memory(experiment: Experiment) -> dict:
+    """The evaluation's logits bound (loglik method), where the memory plan set one."""
+    plan = experiment.memory_plan
+    return {"logits_bytes": plan.eval_logits_bytes} if plan else {}
+
+
+def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> PiqaTrainer:
     """The Trainer on the training examples; each epoch ends with accuracy on the selection examples."""
     args, engine, tokenizer = experiment.args, experiment.engine, experiment.tokenizer
-    features, truncated = tokenize_examples(experiment.data.train, tokenizer, args.max_length)
+    features, truncated = experiment.train_features, experiment.truncated
     if truncated:
         print(f"note: --max-length {args.max_length} cut {truncated} of {len(features)} training examples")
     trainer = PiqaTrainer(
@@ -265,7 +289,9 @@ def train(experiment: Experiment, monitor: GpuMonitor, metrics: MetricsFile) -> 
         eval_dataset=experiment.data.selection,
         eval_batch_size=args.eval_batch_size,
         eval_autocast_dtype=experiment.autocast_dtype,
-        on_phase=monitor.set_phase,
+        eval_options=eval_memory(experiment),
+        phases=phases,
+        background_checkpoints=engine.background_checkpoints,
     )
     configure_ddp_communication(trainer, engine)
     resume_from = experiment.resume_from
@@ -276,15 +302,17 @@ def train(experiment: Experiment, monitor: GpuMonitor, metrics: MetricsFile) -> 
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         metrics.update(train=training_record(trainer, truncated, resume_from))
-    runtime_s = output.metrics["train_runtime"]
+    runtime_s = output.metrics["train_runtime"]  # includes the selection passes and the checkpoint saves
     session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     metrics.update(
         timing={
             "train_runtime_s": runtime_s,
             "train_samples_per_s": output.metrics["train_samples_per_second"],
             "train_tokens_per_s": session_tokens / runtime_s if runtime_s else None,  # non-padding, this session
+            "checkpoint_writes_s": trainer.writer.write_seconds if trainer.writer else [],  # in the background
         },
-        train={"mean_loss": output.training_loss},  # the Trainer's mean over every step of this session
+        train={"mean_loss": output.training_loss,  # the Trainer's mean over every step of this session
+               "session_tokens": session_tokens},  # non-padding tokens trained on by this process
     )
     return trainer
 

@@ -7,16 +7,20 @@ import dataclasses
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
 
+from common import distributed
+from common.checkpoint_writer import CheckpointWriter
 from common.checkpointing import CheckpointBudget, budget_checkpointing
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
 from common.distributed import evaluate_on_all_ranks, world_size
 from common.kernels import use_fused_rms_norm
 from common.loss import decoder_positions, use_answer_token_loss
+from common.phases import PhaseTimes
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
 
@@ -41,9 +45,17 @@ def check_visible_gpus(visible: str | None) -> None:
 
 
 def configure_allocator(engine: EngineArguments) -> None:
-    """The engine's CUDA allocator settings; to be called before CUDA starts (a user's PYTORCH_CUDA_ALLOC_CONF wins)."""
+    """The engine's CUDA allocator settings; to be called before CUDA starts (a user's PYTORCH_CUDA_ALLOC_CONF wins).
+    --gpu-memory-gib caps the allocator after the setting, since capping starts CUDA."""
     if engine.expandable_segments:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if engine.gpu_memory_gib is not None and torch.cuda.is_available():
+        device = compute_device()
+        total_bytes = torch.cuda.get_device_properties(device).total_memory
+        if engine.gpu_memory_gib * 2**30 > total_bytes:
+            raise ConfigError(f"--gpu-memory-gib {engine.gpu_memory_gib:g} is more than this GPU's "
+                              f"{total_bytes / 2**30:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(engine.gpu_memory_gib * 2**30 / total_bytes, device)
 
 
 def compute_device() -> torch.device:
@@ -75,6 +87,12 @@ def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments,
     fine-tuned evaluations (and an --eval-only run) use what training uses. `engine` must come from usable_engine;
     `autocast` is the profile's (autocast_dtype). (The Trainer patches Liger in again when it is built; patching
     twice is harmless.) Returns the per-batch checkpointing choice, where the engine checkpoints within a budget."""
+    install_kernels(model, engine)
+    return install_checkpoint_budget(model, engine, autocast)
+
+
+def install_kernels(model: torch.nn.Module, engine: EngineArguments) -> None:
+    """The engine's torch switches, kernels and loss (apply_engine_to_model's first half)."""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(engine.cudnn_attention)
     if engine.liger:
@@ -84,6 +102,11 @@ def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments,
     use_fused_rms_norm(model)
     if engine.loss == "answer-chunks":
         use_answer_token_loss(model, engine.pad_to_multiple_of)
+
+
+def install_checkpoint_budget(model: torch.nn.Module, engine: EngineArguments,
+                              autocast: torch.dtype | None) -> CheckpointBudget | None:
+    """The per-batch checkpointing choice within --activation-budget-gib (apply_engine_to_model's second half)."""
     if engine.gradient_checkpointing and engine.activation_budget_gib > 0:
         positions_of = functools.partial(decoder_positions, model) if engine.loss == "answer-chunks" else None
         return budget_checkpointing(model, engine.activation_budget_gib, autocast, positions_of)
@@ -209,41 +232,51 @@ class SelectionPeaks:
 
 class PiqaTrainer(Trainer):
     """The Trainer, with `evaluate()` measuring PIQA accuracy (log-likelihood method) on its `eval_dataset`:
-    the selection slice, a list of PiqaExample held out from the training data.
+    the selection slice, a list of PiqaExample held out from the training data; checkpoints written in the
+    background (common/checkpoint_writer.py); each phase's time charged to `phases`.
 
     Each epoch's `eval_accuracy` is what `load_best_model_at_end` selects on. The reported
     validation examples never pass through here.
     """
 
-    def __init__(
-        self,
-        *args,
-        eval_batch_size: int,
-        eval_autocast_dtype: torch.dtype | None,
-        on_phase: Callable[[str], None] = lambda phase: None,
-        **kwargs,
-    ):
+    def __init__(self, *args, eval_batch_size: int, eval_autocast_dtype: torch.dtype | None, phases: PhaseTimes,
+                 background_checkpoints: bool = True, eval_options: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.selection_batch_size = eval_batch_size
+        self.eval_options = eval_options or {}  # the evaluation's memory bound (common/memory_plan.py)
         self.eval_autocast_dtype = eval_autocast_dtype
-        self.on_phase = on_phase
+        self.phases = phases
         self.peaks = SelectionPeaks()
+        self.writer = CheckpointWriter(self.model, pin=torch.cuda.is_available()) if background_checkpoints else None
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.wait_for_checkpoints()  # also after an error: no write is left running when train() returns
+
+    def wait_for_checkpoints(self) -> None:
+        if self.writer is not None and self.writer.busy:
+            with self.phases.phase("checkpoint_wait"):
+                self.writer.wait()
+        elif self.writer is not None:
+            self.writer.wait()  # raises a finished write's error
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        self.on_phase("select")
         self.peaks.begin_selection()
         try:
-            result = evaluate_on_all_ranks(
-                self.model,
-                self.processing_class,
-                eval_dataset if eval_dataset is not None else self.eval_dataset,
-                method="loglik",
-                batch_size=self.selection_batch_size,
-                autocast_dtype=self.eval_autocast_dtype,
-            )
+            with self.phases.phase("select"):
+                result = evaluate_on_all_ranks(
+                    self.model,
+                    self.processing_class,
+                    eval_dataset if eval_dataset is not None else self.eval_dataset,
+                    method="loglik",
+                    batch_size=self.selection_batch_size,
+                    autocast_dtype=self.eval_autocast_dtype,
+                    **self.eval_options,
+                )
         finally:
             self.peaks.end_selection()
-            self.on_phase("train")
         metrics = {
             f"{metric_key_prefix}_{SELECTION_METRIC}": result.acc_pct,
             f"{metric_key_prefix}_acc_norm": result.acc_norm_pct,
@@ -253,3 +286,83 @@ class PiqaTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _save_checkpoint(self, model, trial) -> None:
+        with self.phases.phase("checkpoint_save"):
+            if self.writer is None or self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.save_only_model:
+                return super()._save_checkpoint(model, trial)  # the Trainer's own, on this thread
+            self._save_checkpoint_in_background(trial)
+
+    def _save_checkpoint_in_background(self, trial) -> None:
+        """The Trainer's _save_checkpoint (transformers 5.x) with the two large files written by self.writer."""
+        self.store_flos()
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"checkpoint-{self.state.global_step}"
+        best = self.state.best_global_step
+        if best and (best == self.state.global_step or (run_dir / f"checkpoint-{best}").exists()):
+            self.state.best_model_checkpoint = str(run_dir / f"checkpoint-{best}")
+        staging = final
+        if self.args.should_save:
+            best_checkpoint = self.state.best_model_checkpoint
+            limit = self.args.save_total_limit
+            staging = self.writer.stage(
+                final, self.model.state_dict(), self.optimizer.state_dict(),
+                after=lambda: rotate_checkpoints(str(run_dir), limit, best_checkpoint, use_mtime=False),
+            )
+        distributed.barrier()  # every rank's RNG state goes into rank 0's staging directory
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            self._save_rng_state(str(staging))
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
+                self._save_scaler(str(staging))
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(str(staging))
+                torch.save(self.args, staging / "training_args.bin")
+                self._save_trainer_state(staging)
+            distributed.barrier()
+        finally:
+            if self.args.should_save:
+                self.writer.small_files_written()
+
+    def _save_trainer_state(self, directory: Path) -> None:
+        """trainer_state.json, with the stateful callbacks' state, as the Trainer writes it."""
+        from transformers.trainer_callback import ExportableState
+
+        for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
+            name = cb.__class__.__name__
+            if isinstance(self.state.stateful_callbacks.get(name), list):
+                self.state.stateful_callbacks[name].append(cb.state())
+            else:
+                self.state.stateful_callbacks[name] = cb.state()
+        self.state.save_to_json(str(directory / "trainer_state.json"))
+
+    def _load_best_model(self) -> None:
+        self.wait_for_checkpoints()
+        with self.phases.phase("load_best"):
+            super()._load_best_model()
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The best checkpoint holds a tied output projection once, under the input embeddings' name: say so in one
+        line, instead of transformers' 'missing keys' warning, once the tie is checked."""
+        tied = tied_parameter_names(self.model)
+        missing = set(load_result.missing_keys)
+        if missing and missing <= tied and not load_result.unexpected_keys:
+            if distributed.is_main_process():
+                print(f"loaded the best checkpoint, {self.state.best_model_checkpoint} (selection accuracy "
+                      f"{self.state.best_metric:.2f} %); {', '.join(sorted(missing))} shares the input embeddings' "
+                      "weights, loaded with them")
+            return
+        super()._issue_warnings_after_load(load_result)
+
+
+def tied_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are another parameter's tensor (the tied output projection), not counting the first."""
+    first_name: dict[int, str] = {}
+    tied = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first_name:
+            tied.add(name)
+        else:
+            first_name[id(parameter)] = name
+    return tied

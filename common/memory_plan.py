@@ -1,0 +1,129 @@
+"""The engine's memory settings fitted to the GPU before anything trains: gradient accumulation (the micro-batch),
+the activation budget and the evaluation's logits bound.
+
+The experiment does not change (128 examples per optimizer step, the same arithmetic): only how a step is split
+and what it recomputes. The plan is the same for both profiles on the same card, as the engine must be: it counts
+the larger of fp32's and mixed precision's needs (mixed adds bf16 copies of the weights; fp32 keeps larger
+activations). On a card with room it keeps the engine's defaults, so the speed there is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from common.checkpointing import LayerActivations
+from common.config import ConfigError, EngineArguments
+
+GIB = 2**30
+# Per parameter: fp32 weight, gradient and AdamW's two moments (16 bytes), and mixed precision's bf16 copy (2).
+STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 2
+# What the plan leaves free beyond the state and the activations: the loss's 256 MiB chunks, cuBLAS workspaces,
+# allocator fragmentation.
+HEADROOM_BYTES = GIB // 2 + GIB // 4
+EVAL_LOGITS_MAX_BYTES = 4 * GIB  # the evaluation's bound where memory allows (common/evaluation.py)
+EVAL_LOGITS_MIN_BYTES = GIB // 4
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    usable_bytes: int  # GPU memory this process may use (the card, or --gpu-memory-gib)
+    state_bytes: int  # weights, gradients, optimizer state and bf16 weight copies
+    longest_positions: int  # token positions of the longest micro-batch the planned split can produce
+    gradient_accumulation_steps: int
+    activation_budget_gib: float
+    eval_logits_bytes: int
+    changes: tuple[str, ...]  # what the plan changed from the flags, for the log
+
+    def describe(self) -> str:
+        changed = f"; changed from the flags: {', '.join(self.changes)}" if self.changes else ""
+        return (f"memory plan for {self.usable_bytes / GIB:.1f} GiB of GPU memory: gradient accumulation "
+                f"{self.gradient_accumulation_steps}, activation budget {self.activation_budget_gib:g} GiB, evaluation "
+                f"logits within {self.eval_logits_bytes / GIB:.2f} GiB (weights, gradients, AdamW and bf16 copies "
+                f"{self.state_bytes / GIB:.1f} GiB; longest micro-batch about {self.longest_positions:,} "
+                f"positions){changed}")
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def longest_micro_batch_positions(lengths: list[int], micro_batch: int) -> int:
+    """Token positions of the longest micro-batch: the longest example and the next `micro_batch - 1` longest,
+    padded to the longest (an upper bound for length-grouped and random batches alike)."""
+    longest = sorted(lengths, reverse=True)[:micro_batch]
+    return micro_batch * longest[0] if longest else 0
+
+
+def activation_floor_bytes(positions: int, layers: int, activations: LayerActivations) -> int:
+    """Every layer checkpointed: each keeps its input, and one layer at a time recomputes its activations."""
+    return int(positions * (layers * activations.checkpointed_bytes + activations.kept_bytes))
+
+
+def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, layers: int,
+                activations: LayerActivations, lengths: list[int], batch_size: int, world_size: int) -> MemoryPlan:
+    """The smallest gradient accumulation (at least the flag's) whose longest micro-batch fits with every layer
+    checkpointed, then the largest activation budget (at most the flag's) that fits beside it. `activations`: the
+    larger of both precisions' per-position bytes. Raises ConfigError where even one example per micro-batch cannot
+    fit, naming what would be needed."""
+    state = parameters * STATE_BYTES_PER_PARAMETER
+    room = usable_bytes - state - HEADROOM_BYTES
+    accumulation = engine.gradient_accumulation_steps
+    while True:
+        per_step = accumulation * world_size
+        if batch_size % per_step == 0:
+            positions = longest_micro_batch_positions(lengths, batch_size // per_step)
+            floor = activation_floor_bytes(positions, layers, activations) if engine.gradient_checkpointing else 0
+            if floor <= room:
+                break
+        if per_step >= batch_size:
+            raise ConfigError(
+                f"this GPU offers {usable_bytes / GIB:.1f} GiB; the model's weights, gradients and AdamW state alone "
+                f"need {state / GIB:.1f} GiB, and one example per micro-batch {floor / GIB:.2f} GiB more: the "
+                "experiment cannot train here (a GPU with more memory, or several with FSDP: common/fsdp.yaml)")
+        accumulation += 1
+    spare_gib = max(0.0, (room - positions * activations.kept_bytes) / GIB)
+    budget = min(engine.activation_budget_gib, float(int(spare_gib * 4) / 4))  # quarter-GiB steps
+    if not engine.gradient_checkpointing:
+        budget = engine.activation_budget_gib
+    logits = int(min(EVAL_LOGITS_MAX_BYTES, max(EVAL_LOGITS_MIN_BYTES, room // 2)))
+    changes = []
+    if accumulation != engine.gradient_accumulation_steps:
+        changes.append(f"--gradient-accumulation-steps {engine.gradient_accumulation_steps} -> {accumulation}")
+    if budget != engine.activation_budget_gib:
+        changes.append(f"--activation-budget-gib {engine.activation_budget_gib:g} -> {budget:g}")
+    return MemoryPlan(usable_bytes, state, positions, accumulation, budget, logits, tuple(changes))
+
+
+def planned_engine(engine: EngineArguments, plan: MemoryPlan) -> EngineArguments:
+    return dataclasses.replace(engine, gradient_accumulation_steps=plan.gradient_accumulation_steps,
+                               activation_budget_gib=plan.activation_budget_gib)
+
+
+def usable_gpu_bytes(device, gpu_memory_gib: float | None) -> int:
+    """What this process may use: the GPU's free memory plus what it already holds, within --gpu-memory-gib."""
+    import torch
+
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    usable = free_bytes + torch.cuda.memory_reserved(device)
+    return int(min(usable, gpu_memory_gib * GIB if gpu_memory_gib else total_bytes))
+
+
+def fit_to_gpu(model, engine: EngineArguments, lengths: list[int], batch_size: int,
+               world_size: int) -> MemoryPlan | None:
+    """The plan for this model, data and GPU; None on a CPU, with --no-fit-memory, or under FSDP (sharded state)."""
+    import os
+
+    import torch
+
+    from common.checkpointing import decoder_layers, measure_layer_activations
+    from common.models import count_parameters
+
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if not torch.cuda.is_available() or not engine.fit_memory or sharded:
+        return None
+    device = next(model.parameters()).device
+    fp32, bf16 = (measure_layer_activations(model, dtype) for dtype in (None, torch.bfloat16))
+    larger = LayerActivations(max(fp32.kept_bytes, bf16.kept_bytes),
+                              max(fp32.checkpointed_bytes, bf16.checkpointed_bytes))
+    return plan_memory(engine, usable_gpu_bytes(device, engine.gpu_memory_gib), count_parameters(model),
+                       len(decoder_layers(model)), larger, lengths, batch_size, world_size)
