@@ -16,8 +16,9 @@ from common.checkpointing import LayerActivations
 from common.config import ConfigError, EngineArguments
 
 GIB = 2**30
-# Per parameter: fp32 weight, gradient and AdamW's two moments (16 bytes), and mixed precision's bf16 copy (2).
-STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 2
+TRAINING_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8  # fp32 weight, gradient and AdamW's two moments
+EVAL_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 2  # a selection pass: the training state (gradients may still be held), bf16 copies
+BF16_COPY_BYTES_PER_PARAMETER = 2  # mixed precision's weights cast for the forward pass (autocast's cache)
 # What the plan leaves free beyond the state and the activations: the loss's 256 MiB chunks, cuBLAS workspaces,
 # allocator fragmentation.
 HEADROOM_BYTES = GIB // 2 + GIB // 4
@@ -28,7 +29,7 @@ EVAL_LOGITS_MIN_BYTES = GIB // 4
 @dataclass(frozen=True)
 class MemoryPlan:
     usable_bytes: int  # GPU memory this process may use (the card, or --gpu-memory-gib)
-    state_bytes: int  # weights, gradients, optimizer state and bf16 weight copies
+    state_bytes: int  # fp32 weights, gradients and AdamW state
     longest_positions: int  # token positions of the longest micro-batch the planned split can produce
     gradient_accumulation_steps: int
     activation_budget_gib: float
@@ -39,7 +40,7 @@ class MemoryPlan:
         changed = f"; changed from the flags: {', '.join(self.changes)}" if self.changes else ""
         return (f"memory plan for {self.usable_bytes / GIB:.1f} GiB of GPU memory: gradient accumulation "
                 f"{self.gradient_accumulation_steps}, activation budget {self.activation_budget_gib:g} GiB, evaluation "
-                f"logits within {self.eval_logits_bytes / GIB:.2f} GiB (weights, gradients, AdamW and bf16 copies "
+                f"logits within {self.eval_logits_bytes / GIB:.2f} GiB (weights, gradients and AdamW state "
                 f"{self.state_bytes / GIB:.1f} GiB; longest micro-batch about {self.longest_positions:,} "
                 f"positions){changed}")
 
@@ -54,9 +55,10 @@ def longest_micro_batch_positions(lengths: list[int], micro_batch: int) -> int:
     return micro_batch * longest[0] if longest else 0
 
 
-def activation_floor_bytes(positions: int, layers: int, activations: LayerActivations) -> int:
-    """Every layer checkpointed: each keeps its input, and one layer at a time recomputes its activations."""
-    return int(positions * (layers * activations.checkpointed_bytes + activations.kept_bytes))
+def transient_bytes(parameters: int, positions: int, activations: LayerActivations) -> int:
+    """What comes on top of the kept activations at the peak: in the forward pass mixed precision's bf16 weight
+    copies, in the backward pass one checkpointed layer's recomputed activations; the larger of the two."""
+    return int(max(parameters * BF16_COPY_BYTES_PER_PARAMETER, positions * activations.kept_bytes))
 
 
 def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, layers: int,
@@ -64,28 +66,30 @@ def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, lay
     """The smallest gradient accumulation (at least the flag's) whose longest micro-batch fits with every layer
     checkpointed, then the largest activation budget (at most the flag's) that fits beside it. `activations`: the
     larger of both precisions' per-position bytes. Raises ConfigError where even one example per micro-batch cannot
-    fit, naming what would be needed."""
-    state = parameters * STATE_BYTES_PER_PARAMETER
-    room = usable_bytes - state - HEADROOM_BYTES
+    fit."""
+    state = parameters * TRAINING_STATE_BYTES_PER_PARAMETER
+    room = usable_bytes - state - HEADROOM_BYTES  # for activations and transients
     accumulation = engine.gradient_accumulation_steps
     while True:
         per_step = accumulation * world_size
         if batch_size % per_step == 0:
             positions = longest_micro_batch_positions(lengths, batch_size // per_step)
-            floor = activation_floor_bytes(positions, layers, activations) if engine.gradient_checkpointing else 0
-            if floor <= room:
+            kept = positions * layers * activations.checkpointed_bytes if engine.gradient_checkpointing else 0
+            needed = kept + transient_bytes(parameters, positions, activations)
+            if needed <= room:
                 break
         if per_step >= batch_size:
             raise ConfigError(
-                f"this GPU offers {usable_bytes / GIB:.1f} GiB; the model's weights, gradients and AdamW state alone "
-                f"need {state / GIB:.1f} GiB, and one example per micro-batch {floor / GIB:.2f} GiB more: the "
-                "experiment cannot train here (a GPU with more memory, or several with FSDP: common/fsdp.yaml)")
+                f"this GPU offers {usable_bytes / GIB:.1f} GiB: the model's weights, gradients and AdamW state need "
+                f"{state / GIB:.1f} GiB, and one example per micro-batch {needed / GIB:.2f} GiB more; the experiment "
+                "cannot train here (a GPU with more memory, or several with FSDP: common/fsdp.yaml)")
         accumulation += 1
-    spare_gib = max(0.0, (room - positions * activations.kept_bytes) / GIB)
-    budget = min(engine.activation_budget_gib, float(int(spare_gib * 4) / 4))  # quarter-GiB steps
-    if not engine.gradient_checkpointing:
-        budget = engine.activation_budget_gib
-    logits = int(min(EVAL_LOGITS_MAX_BYTES, max(EVAL_LOGITS_MIN_BYTES, room // 2)))
+    budget = engine.activation_budget_gib
+    if engine.gradient_checkpointing:
+        spare_gib = max(0.0, (room - transient_bytes(parameters, positions, activations)) / GIB)
+        budget = min(budget, float(int(spare_gib * 4) / 4))  # quarter-GiB steps
+    eval_room = usable_bytes - parameters * EVAL_STATE_BYTES_PER_PARAMETER - HEADROOM_BYTES
+    logits = int(min(EVAL_LOGITS_MAX_BYTES, max(EVAL_LOGITS_MIN_BYTES, eval_room // 2)))
     changes = []
     if accumulation != engine.gradient_accumulation_steps:
         changes.append(f"--gradient-accumulation-steps {engine.gradient_accumulation_steps} -> {accumulation}")

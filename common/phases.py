@@ -42,7 +42,7 @@ class PhaseTimes:
         self.seconds["startup"] = seconds_since_process_start()
         self._on_change = on_change  # gets the monitor label of the phase now running
         self._stack: list[str] = []
-        self._since_s = time.perf_counter()
+        self._created_s = self._since_s = time.perf_counter()
 
     def _switch(self) -> None:
         if torch.cuda.is_available():
@@ -72,7 +72,7 @@ class PhaseTimes:
 
     def record(self) -> dict:
         """metrics.json's timing: the process's wall clock so far, and its phases (`other`: what none claims)."""
-        wall_s = seconds_since_process_start()
+        wall_s = self.seconds["startup"] + time.perf_counter() - self._created_s  # one clock from here on
         phases = dict(self.seconds)
         phases["other"] = max(0.0, wall_s - sum(v for k, v in phases.items() if k != "other"))
         return {"wall_s": wall_s, "phases_s": phases}

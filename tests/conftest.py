@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,9 +60,12 @@ def is_smoke_training(words: list[str]) -> bool:
 def readme_runs(tmp_path_factory) -> Path:
     """A scratch directory in which every README `--smoke` training command has run, in the README's order."""
     cwd = tmp_path_factory.mktemp("readme")
+    launched_s = {}  # each script's launch, epoch seconds: the phase-timing test's outside clock
     for words in filter(is_smoke_training, readme_commands()):
+        launched_s[words[1]] = time.time()
         done = run_in(cwd, words)
         assert done.returncode == 0, f"{' '.join(words)}:\n{done.stderr[-3000:]}"
+    (cwd / "launched_s.json").write_text(json.dumps(launched_s))
     return cwd
 
 

@@ -89,3 +89,20 @@ def test_eval_only_writes_metrics_and_predictions(smoke_runs, tmp_path):
         trained["accuracy"]["fine_tuned"]["loglik"]["acc_pct"]
     )
     assert (out / "predictions_zero_shot.jsonl").is_file()
+
+
+@pytest.mark.parametrize("script", ["baseline.py", "modified.py"])
+def test_phase_times_add_up_to_the_wall_clock(readme_runs, smoke_runs, script):
+    """metrics.json's phases add up to its wall clock, which matches an outside clock: from the launch to the last
+    write of metrics.json, within 5%."""
+    timing = json.loads((smoke_runs[script] / "metrics.json").read_text())["timing"]
+    phases = timing["phases_s"]
+    assert sum(phases.values()) == pytest.approx(timing["wall_s"], rel=1e-6)
+    outside_s = (smoke_runs[script] / "metrics.json").stat().st_mtime - json.loads(
+        (readme_runs / "launched_s.json").read_text())[script]
+    assert timing["wall_s"] == pytest.approx(outside_s, rel=0.05)
+    for phase in ("startup", "eval_zero_shot", "train_steps", "select", "checkpoint_save", "eval_fine_tuned",
+                  "final_save"):
+        assert phases[phase] > 0, phase
+    assert phases["other"] < 0.05 * timing["wall_s"]
+    assert timing["train_steps_tokens_per_s"] > timing["train_tokens_per_s"]  # without the selection passes and saves

@@ -1,0 +1,57 @@
+"""The memory plan: the engine's defaults where the card has room, a smaller micro-batch and budget where it has not,
+an error before training where nothing fits (common/memory_plan.py)."""
+
+import pytest
+
+from common.checkpointing import LayerActivations
+from common.config import ConfigError, EngineArguments
+from common.memory_plan import GIB, longest_micro_batch_positions, plan_memory
+
+PARAMETERS = 1_235_814_400  # Llama-3.2-1B
+LAYERS = 16
+ACTIVATIONS = LayerActivations(kept_bytes=208 * 1024, checkpointed_bytes=8 * 1024)  # measured on the CPU, fp32
+LENGTHS = [245] + [30 + i % 90 for i in range(16_000)]  # PIQA-like: one long outlier
+
+
+def plan(card_gib: float, engine: EngineArguments = EngineArguments(), world_size: int = 1):
+    return plan_memory(engine, int(card_gib * GIB), PARAMETERS, LAYERS, ACTIVATIONS, LENGTHS, 128, world_size)
+
+
+@pytest.mark.parametrize("card_gib", [38.0, 78.0, 139.0])
+def test_a_card_with_room_keeps_the_engine_defaults(card_gib):
+    fitted = plan(card_gib)
+    assert (fitted.gradient_accumulation_steps, fitted.activation_budget_gib) == (1, 7.0)
+    assert fitted.changes == ()
+    assert fitted.eval_logits_bytes == 4 * GIB
+
+
+def test_a_24gb_card_gets_smaller_micro_batches_and_budget_and_says_so():
+    fitted = plan(22.0)
+    assert fitted.gradient_accumulation_steps > 1 and 128 % fitted.gradient_accumulation_steps == 0
+    assert fitted.activation_budget_gib < 7.0
+    assert fitted.eval_logits_bytes < 4 * GIB
+    assert "--gradient-accumulation-steps 1 -> " in fitted.describe()
+    roomier = plan(30.0)
+    assert roomier.gradient_accumulation_steps <= fitted.gradient_accumulation_steps
+    assert roomier.activation_budget_gib >= fitted.activation_budget_gib
+
+
+def test_values_the_card_can_hold_are_kept():
+    engine = EngineArguments(gradient_accumulation_steps=4, activation_budget_gib=2.0)
+    fitted = plan(78.0, engine)
+    assert (fitted.gradient_accumulation_steps, fitted.activation_budget_gib) == (4, 2.0)
+
+
+def test_micro_batches_divide_the_batch_over_every_gpu():
+    fitted = plan(22.0, world_size=2)
+    assert 128 % (fitted.gradient_accumulation_steps * 2) == 0
+
+
+def test_a_card_too_small_for_the_state_is_an_error_before_training():
+    with pytest.raises(ConfigError, match="cannot train here"):
+        plan(16.0)
+
+
+def test_the_longest_micro_batch_is_bounded_by_its_longest_example():
+    assert longest_micro_batch_positions([5, 9, 3, 7], 2) == 18
+    assert longest_micro_batch_positions([], 4) == 0
