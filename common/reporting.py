@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from common.artifacts import TIME_PHASES
+
 
 class MetricsFile:
     """A metrics.json rewritten after every phase, so an interrupted run still leaves what it measured."""
@@ -68,9 +70,13 @@ def summary_table(metrics: dict) -> str:
     add("profile", metrics.get("profile"))
     add("status", metrics.get("status"))
     add("wall time (s)", timing.get("wall_s"), "{:.1f}")
-    add("train runtime (s)", timing.get("train_runtime_s"), "{:.1f}")
-    add("train samples/s", timing.get("train_samples_per_s"), "{:.2f}")
-    add("train non-padding tokens/s", timing.get("train_tokens_per_s"), "{:,.0f}")
+    add("train runtime (s, Trainer: steps, selection passes, saves)", timing.get("train_runtime_s"), "{:.1f}")
+    add("train samples/s (over train runtime)", timing.get("train_samples_per_s"), "{:.2f}")
+    add("train non-padding tokens/s (over train runtime)", timing.get("train_tokens_per_s"), "{:,.0f}")
+    add("train non-padding tokens/s (training steps only, no selection or saves)",
+        timing.get("train_steps_tokens_per_s"), "{:,.0f}")
+    if "wall_s" in timing:
+        rows.extend(time_phase_rows(timing))
     add("optimizer steps", train.get("optimizer_steps"))
     add("train loss, mean over the run", train.get("mean_loss", train.get("final_loss")), "{:.4f}")
     add("train loss, last logged step", (train.get("loss_per_step") or [{}])[-1].get("loss"), "{:.4f}")
@@ -91,4 +97,20 @@ def summary_table(metrics: dict) -> str:
             add(f"NVML peak used, {gpu} {phase} (MiB)", stats.get("peak_used_mib"), "{:,.0f}")
     add("checkpoint disk (MiB)", metrics.get("disk", {}).get("checkpoints_mib"), "{:,.0f}")
     width = max((len(label) for label, _ in rows), default=0)
-    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+    return "\n".join(f"  {label:<{width}}  {value}".rstrip() for label, value in rows)
+
+
+def time_phase_rows(timing: dict) -> list[tuple[str, str]]:
+    """Where the wall clock went: each phase that took time, in seconds and as a share of wall time."""
+    phases_s = timing.get("phases_s")
+    if not isinstance(phases_s, dict) or not phases_s:
+        return [("where the time went", "not recorded (a run from before timing.phases_s)")]
+    wall_s = timing.get("wall_s") or sum(phases_s.values())
+    known = [name for name, _ in TIME_PHASES]
+    names = known + sorted(set(phases_s) - set(known))  # a phase newer than this code still shows
+    rows = [("where the time went (s, % of wall time)", "")]
+    for name in names:
+        seconds = phases_s.get(name) or 0.0
+        if seconds > 0:  # phases that did not happen are 0 or absent
+            rows.append((f"  {name}", f"{seconds:,.1f}  ({100 * seconds / wall_s:.1f}%)"))
+    return rows

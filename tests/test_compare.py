@@ -15,9 +15,11 @@ import pytest
 from matplotlib.image import imread
 from scipy.stats import binomtest
 
+import tools.compare.plots as plots
+from common.artifacts import MONITOR_PHASES, TIME_PHASES
 from common.monitor import MIB, GpuMonitor
 from tools.compare.__main__ import main
-from tools.compare.plots import phase_spans
+from tools.compare.plots import PHASE_SHADES, TIME_PHASE_COLOURS, TIME_PLOT, phase_spans
 from tools.compare.report import write_report
 from tools.compare.runs import GpuSample, NotARunError, load_run
 from tools.compare.stats import mcnemar_exact_p, paired_difference_interval, paired_test, wilson_interval
@@ -218,12 +220,149 @@ def write_gpu_log(path: Path, samples: list[tuple[str, float]]) -> None:
     """densenetsmi.txt as common.monitor writes it, from (phase, MiB used) samples."""
     nvml = _FakeNvml()
     nvml.used_mib = samples[0][1]
-    with GpuMonitor(path, interval_s=3600, console_every=0, nvml_module=nvml, print_fn=lambda _: None) as monitor:
+    with GpuMonitor(path, interval_s=3600, console_every=0, nvml_module=nvml, print_fn=lambda _: None,
+                    phase=samples[0][0], phases=None) as monitor:  # the first sample, taken on entry
         for phase, used_mib in samples[1:]:
-            monitor.set_phase(phase)
             nvml.used_mib = used_mib
-            monitor.sample_now()
-    # The first sample, taken on entry, is the train phase's.
+            if phase == monitor.phase:
+                monitor.sample_now()
+            else:
+                monitor.set_phase(phase)  # a phase change takes the new phase's first sample
+
+
+# ---- where the time went (synthetic metrics.json: the smoke runs' code may predate timing.phases_s) --------
+
+BASELINE_TIMING = {
+    "wall_s": 420.0,
+    "phases_s": {"startup": 23.0, "eval_zero_shot": 12.0, "train_steps": 330.0, "select": 6.0, "checkpoint_save": 30.0,
+                 "load_best": 4.0, "eval_fine_tuned": 10.0, "final_save": 3.0, "other": 2.0},  # no checkpoint_wait
+    "train_runtime_s": 366.0, "train_tokens_per_s": 4_900.0, "train_steps_tokens_per_s": 5_438.0,
+}
+MODIFIED_TIMING = {
+    "wall_s": 90.0,
+    "phases_s": {"startup": 15.0, "eval_zero_shot": 4.0, "train_steps": 50.0, "select": 3.0, "checkpoint_save": 3.0,
+                 "checkpoint_wait": 5.0, "load_best": 3.0, "eval_fine_tuned": 3.0, "final_save": 3.0, "other": 1.0},
+    "train_runtime_s": 56.0, "train_tokens_per_s": 32_000.0, "train_steps_tokens_per_s": 36_000.0,
+}
+OLD_TIMING = {"wall_s": 128.0, "train_runtime_s": 117.6, "train_tokens_per_s": 14_892.0}  # before phases_s
+
+
+def timing_run(path: Path, timing: dict) -> Path:
+    """A run directory with only a finished metrics.json holding `timing`."""
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps({"status": "finished", "timing": timing}))
+    return path
+
+
+def test_time_table_puts_each_phase_side_by_side_and_says_what_is_not_recorded(tmp_path: Path) -> None:
+    runs = [timing_run(tmp_path / name, timing) for name, timing in
+            (("baseline", BASELINE_TIMING), ("modified", MODIFIED_TIMING), ("old", OLD_TIMING))]
+    report = write_report(runs, tmp_path / "out")
+    md = report.markdown
+    section = md.split("## Where the time went (s)")[1].split("\n## ")[0]
+    descriptions = dict(TIME_PHASES)
+    # phase | what it measures | baseline s, % | modified s, % | old s, % | modified/baseline | old/baseline
+    assert table_row(section, "train_steps") == [descriptions["train_steps"], "330.0", "78.6%", "50.0", "55.6%",
+                                                 "not recorded", "", "0.15x", "n/a"]
+    assert table_row(section, "checkpoint_save")[1:] == ["30.0", "7.1%", "3.0", "3.3%", "not recorded", "", "0.10x",
+                                                         "n/a"]
+    assert table_row(section, "checkpoint_wait")[1:6] == ["0.0", "0.0%", "5.0", "5.6%", "not recorded"]  # absent: 0
+    assert table_row(section, "checkpoint_wait")[-2] == "n/a"  # no ratio to nothing
+    phase_rows = [line.split("|")[1].strip() for line in section.splitlines()
+                  if line.startswith("|") and line.split("|")[1].strip() in descriptions]
+    assert phase_rows == [name for name, _ in TIME_PHASES]  # every phase, in the order they happen
+    assert table_row(section, "all phases")[1:5] == ["420.0", "100.0%", "90.0", "100.0%"]
+    assert table_row(section, "wall clock")[1:] == ["420.0", "100.0%", "90.0", "100.0%", "128.0", "100.0%", "0.21x",
+                                                    "0.30x"]
+    assert table_row(section, "train runtime")[1:3] == ["366.0", "87.1%"]
+    # Both throughputs, with what each measures; a rate has no share of the wall clock.
+    steps = table_row(section, "training-step throughput (non-padding tokens/s)")
+    assert "without selection passes or saves" in steps[0]
+    assert steps[1:] == ["5,438", "", "36,000", "", "n/a", "", "6.62x", "n/a"]
+    assert table_row(section, "train throughput (non-padding tokens/s)")[1:] == ["4,900", "", "32,000", "", "14,892", "",
+                                                                                  "6.53x", "3.04x"]
+    assert "**old**: metrics.json has no timing.phases_s" in md and "not recorded" in md
+    assert "**baseline**: metrics.json has no timing.phases_s" not in md
+    # The plot: written, linked from the time section and the plots, the old run named as not recorded.
+    assert_png(tmp_path / "out" / TIME_PLOT)
+    assert f"]({TIME_PLOT})" in section and f"![Where the time went: each run's wall clock by phase]({TIME_PLOT})" in md
+    assert "(not recorded in old: no timing.phases_s.)" in md
+    assert table_row(report.console, "train_steps") == table_row(section, "train_steps")  # printed too
+
+
+def test_time_table_of_runs_without_phases_shows_the_totals_only(tmp_path: Path) -> None:
+    runs = [timing_run(tmp_path / name, OLD_TIMING) for name in ("a", "b")]
+    md = write_report(runs, tmp_path / "out").markdown
+    section = md.split("## Where the time went (s)")[1].split("\n## ")[0]
+    assert "No run here records its phases" in section
+    assert "| startup " not in section and "| all phases " not in section
+    assert table_row(section, "wall clock")[1:] == ["128.0", "100.0%", "128.0", "100.0%", "1.00x"]
+    skipped = "**Where the time went: each run's wall clock by phase**: not recorded in a, b: no timing.phases_s: plot skipped"
+    assert skipped in md
+    assert not (tmp_path / "out" / TIME_PLOT).exists()
+
+
+def test_phases_that_do_not_add_up_to_the_wall_clock_are_said(tmp_path: Path) -> None:
+    short = {**MODIFIED_TIMING, "phases_s": {**MODIFIED_TIMING["phases_s"], "train_steps": 30.0}}  # 70 s of 90
+    runs = [timing_run(tmp_path / "baseline", BASELINE_TIMING), timing_run(tmp_path / "short", short)]
+    md = write_report(runs, tmp_path / "out").markdown
+    assert "**short**: its time phases add up to 70.0 s, not its wall clock of 90.0 s" in md
+    assert "**baseline**: its time phases" not in md  # exactly 420 s
+
+
+def test_time_plot_is_one_stacked_bar_per_run_in_the_phases_colours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    real_save = plots._save
+
+    def keep_figure(fig, out_dir: Path, name: str) -> str:
+        figures.append(fig)  # _save closes it; its axes stay readable
+        return real_save(fig, out_dir, name)
+
+    monkeypatch.setattr(plots, "_save", keep_figure)
+    runs = [timing_run(tmp_path / name, timing) for name, timing in
+            (("baseline", BASELINE_TIMING), ("old", OLD_TIMING), ("modified", MODIFIED_TIMING))]
+    plot = plots.plot_time_phases([load_run(r) for r in runs], tmp_path)
+    assert plot.file == TIME_PLOT and plot.note == "not recorded in old: no timing.phases_s"
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["baseline", "modified"]
+    assert ax.yaxis_inverted()  # the reference on top
+    shown = [name for name, _ in TIME_PHASES]  # every phase took time in one run or the other
+    assert [c.get_label() for c in ax.containers] == shown
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == shown
+    from matplotlib.colors import to_rgba
+
+    ends_s = [0.0, 0.0]
+    for container in ax.containers:
+        name = container.get_label()
+        for row, (bar, timing) in enumerate(zip(container.patches, (BASELINE_TIMING, MODIFIED_TIMING))):
+            assert bar.get_facecolor() == to_rgba(TIME_PHASE_COLOURS[name])
+            assert bar.get_width() == timing["phases_s"].get(name, 0.0)
+            assert bar.get_x() == ends_s[row]  # stacked: each segment starts where the last ended
+            ends_s[row] += bar.get_width()
+    assert ends_s == [420.0, 90.0]
+    assert {"420 s", "90 s"} <= {t.get_text().strip() for t in ax.texts}
+
+
+def test_phase_colours_cover_every_phase_once_and_match_between_plots() -> None:
+    assert list(TIME_PHASE_COLOURS) == [name for name, _ in TIME_PHASES]
+    assert len(set(TIME_PHASE_COLOURS.values())) == len(TIME_PHASE_COLOURS)
+    assert set(MONITOR_PHASES) <= set(PHASE_SHADES)
+    # A monitor phase is shaded in its time phase's colour.
+    for monitor_phase, time_phase in (("eval", "eval_zero_shot"), ("train", "train_steps"), ("select", "select"),
+                                      ("save", "checkpoint_save"), ("load", "load_best")):
+        assert PHASE_SHADES[monitor_phase] == TIME_PHASE_COLOURS[time_phase]
+
+
+def test_gpu_log_with_new_and_older_labels(tmp_path: Path) -> None:
+    """save and load rows get their own NVML rows and shades; a label from an older log is still read."""
+    runs = [timing_run(tmp_path / name, BASELINE_TIMING) for name in ("baseline", "modified")]
+    write_gpu_log(runs[0] / "densenetsmi.txt", [("train", 3000.0), ("save", 3500.0), ("load", 1200.0), ("eval", 2000.0)])
+    write_gpu_log(runs[1] / "densenetsmi.txt", [("warmup", 100.0), ("train", 2000.0)])  # not a MONITOR_PHASE
+    md = write_report(runs, tmp_path / "out").markdown
+    assert table_row(md, "GPU memory used (NVML), peak, save (MiB)") == ["3,500", "n/a"]
+    assert table_row(md, "GPU memory used (NVML), peak, load (MiB)") == ["1,200", "n/a"]
+    assert table_row(md, "GPU memory used (NVML), peak, warmup (MiB)") == ["n/a", "100"]
+    assert_png(tmp_path / "out" / "compare_gpu_memory.png")
 
 
 # ---- statistics ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.artifacts import GPU_LOG, GPU_LOG_COLUMNS, PMON_LOG
+from common.artifacts import GPU_LOG, GPU_LOG_COLUMNS, MONITOR_PHASES, PMON_LOG
 from common.monitor import MIB, GpuMonitor, format_summary, map_visible_devices, pmon, torch_peak_memory
 
 UUIDS = ["GPU-aaaa1111-0000-0000-0000-000000000000", "GPU-bbbb2222-0000-0000-0000-000000000000"]
@@ -106,8 +106,7 @@ def test_log_has_described_columns_and_csv_rows_with_phase(tmp_path: Path) -> No
     fake = FakeNvml()
     with make(tmp_path, fake) as mon:
         mon.sample_now()
-        mon.set_phase("eval")
-        mon.sample_now()
+        mon.set_phase("eval")  # takes the eval phase's first sample
     comments, rows = read_log(mon.log_path)
     header = "\n".join(comments)
     for name, meaning in GPU_LOG_COLUMNS:
@@ -138,9 +137,8 @@ def test_summary_peaks_and_means_per_phase_and_gpu(tmp_path: Path) -> None:
     with make(tmp_path, fake) as mon:
         fake.used_mib = [3000.0, 300.0]
         mon.sample_now()
-        mon.set_phase("eval")
         fake.used_mib = [500.0, 200.0]
-        mon.sample_now()
+        mon.set_phase("eval")  # takes the eval phase's first sample
     s = mon.summary()
     assert s["enabled"] is True and s["disabled_reason"] is None and s["error"] is None
     assert s["samples"] == 3 and s["interval_s"] == 3600.0
@@ -174,6 +172,88 @@ def test_console_line_every_n_samples(tmp_path: Path) -> None:
         mon.sample_now()
     assert len(lines) == 2  # samples 1 and 3
     assert re.fullmatch(r"\[gpu train \d+s\] GPU0 21,345 / 81,559 MiB \(26%\) util 97%", lines[0]), lines[0]
+
+
+# ---- phases ----------------------------------------------------------------------------------
+
+
+def test_every_phase_change_takes_a_sample_of_the_new_phase(tmp_path: Path) -> None:
+    """A phase shorter than the interval (here 3600 s) still has its reading, with that phase's memory."""
+    fake = FakeNvml(count=1)
+    with make(tmp_path, fake) as mon:  # the first sample, on entry: train
+        for phase, used_mib in (("select", 5000.0), ("train", 6000.0), ("save", 7000.0), ("load", 8000.0),
+                                ("eval", 9000.0)):
+            fake.used_mib = [used_mib]
+            mon.set_phase(phase)
+        mon.set_phase("eval")  # no change, no sample
+    rows = read_log(mon.log_path)[1]
+    assert [(r["phase"], float(r["mem_used_mib"])) for r in rows] == [
+        ("train", 21345.0), ("select", 5000.0), ("train", 6000.0), ("save", 7000.0), ("load", 8000.0), ("eval", 9000.0)
+    ]
+    phases = mon.summary()["phases"]
+    assert {p: phases[p]["GPU0"]["samples"] for p in phases} == {"train": 2, "select": 1, "save": 1, "load": 1, "eval": 1}
+    assert phases["save"]["GPU0"]["peak_used_mib"] == 7000.0
+
+
+def test_phases_are_the_runs_monitor_phases(tmp_path: Path) -> None:
+    assert MONITOR_PHASES == ("eval", "train", "select", "save", "load")
+    with make(tmp_path, FakeNvml(count=1)) as mon:
+        for phase in MONITOR_PHASES:
+            mon.set_phase(phase)
+        for wrong in ("checkpoint", "Train", "", "save,load"):
+            with pytest.raises(ValueError, match="phase must be one of eval, train, select, save, load"):
+                mon.set_phase(wrong)
+        assert mon.phase == "load"  # a rejected label changes nothing
+    with pytest.raises(ValueError):
+        make(tmp_path, FakeNvml(), phase="warmup")
+    # Another tool's own labels (the benchmark's row names) with phases=None: any word without a comma.
+    with make(tmp_path / "any", FakeNvml(count=1), phase="start", phases=None) as other:
+        other.set_phase("modified_bs64")
+        with pytest.raises(ValueError, match="non-empty word"):
+            other.set_phase("a,b")
+    assert [r["phase"] for r in read_log(other.log_path)[1]] == ["start", "modified_bs64"]
+
+
+def test_phase_change_with_monitoring_off_takes_no_sample(tmp_path: Path) -> None:
+    fake = FakeNvml(count=0)  # no GPU: monitoring off
+    with make(tmp_path, fake) as mon:
+        mon.set_phase("select")
+        assert mon.phase == "select"
+    assert mon.summary()["samples"] == 0 and read_log(mon.log_path)[1] == []
+
+
+def test_phase_change_samples_and_the_thread_never_interleave_rows(tmp_path: Path) -> None:
+    """The sampler thread (every 1 ms) and set_phase's samples write whole samples, one after the other."""
+    with make(tmp_path, FakeNvml(), interval_s=0.001) as mon:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            for phase in ("select", "train", "save"):
+                mon.set_phase(phase)
+    rows = read_log(mon.log_path)[1]
+    assert len(rows) > 100
+    samples = [rows[i:i + 2] for i in range(0, len(rows), 2)]
+    for gpu0, gpu1 in samples:  # each sample: GPU0 then GPU1, with one time and one phase
+        assert (gpu0["gpu"], gpu1["gpu"]) == ("0", "1")
+        assert gpu0["elapsed_s"] == gpu1["elapsed_s"] and gpu0["phase"] == gpu1["phase"]
+    elapsed_s = [float(gpu0["elapsed_s"]) for gpu0, _ in samples]
+    assert elapsed_s == sorted(elapsed_s)
+    assert mon.summary()["samples"] == len(samples)
+
+
+def test_summary_lists_the_new_phases_aligned(tmp_path: Path) -> None:
+    fake = FakeNvml(count=1)
+    with make(tmp_path, fake, phase="eval") as mon:
+        for phase in ("train", "select", "train", "save", "load", "eval"):
+            mon.set_phase(phase)
+    text = format_summary(mon.summary(), {"eval_zero_shot": {"max_allocated_mib": 10.0, "max_reserved_mib": 20.0},
+                                          "train": {"max_allocated_mib": 30.0, "max_reserved_mib": 40.0}})
+    nvml_lines = [line for line in text.splitlines() if "GPU0 Fake" in line]
+    assert [line.split()[0] for line in nvml_lines] == ["eval", "train", "select", "save", "load"]
+    assert len({line.index("GPU0") for line in nvml_lines}) == 1  # one column, "select" included
+    assert "  eval_zero_shot max allocated 10 MiB" in text and "  train          max allocated 30 MiB" in text
+    footer = [line for line in read_log(mon.log_path)[0] if line.startswith(("# save", "# load"))]
+    assert footer == ["# save GPU0: peak 21,345 MiB, mean 21,345 MiB, 1 samples",
+                      "# load GPU0: peak 21,345 MiB, mean 21,345 MiB, 1 samples"]
 
 
 def test_names_as_bytes_are_decoded(tmp_path: Path) -> None:

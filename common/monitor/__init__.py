@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Sequence
 
-from common.artifacts import PMON_LOG
+from common.artifacts import MONITOR_PHASES, PMON_LOG
 from common.monitor.devices import MIB, GpuInfo, MonitorOff, NvmlGpus, map_visible_devices
 from common.monitor.log import GpuLog
 from common.monitor.pmon import Pmon
@@ -36,6 +36,7 @@ class GpuMonitor:
     samples (0: never), and keeps per-phase peaks and means for `summary()`. Never raises
     because of the GPU or NVML: it turns itself off with a one-line reason instead.
     Under torchrun only LOCAL_RANK 0 (or a process without LOCAL_RANK) monitors and writes.
+    Phases are the run's MONITOR_PHASES (common/artifacts.py); `phases=None` accepts any word.
     """
 
     def __init__(
@@ -48,10 +49,12 @@ class GpuMonitor:
         print_fn: Callable[[str], None] = print,
         phase: str = "train",
         pmon_cmd: Sequence[str] | None = None,
+        phases: Sequence[str] | None = MONITOR_PHASES,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        _check_phase(phase)
+        self._phases = None if phases is None else tuple(phases)  # None: any word (the benchmark's row names)
+        self._check_phase(phase)
         self.enabled = False  # NVML started and the log has its header
         self.disabled_reason: str | None = None
         self._print = print_fn
@@ -109,13 +112,20 @@ class GpuMonitor:
     ) -> None:
         self.close()
 
+    @property
+    def phase(self) -> str:
+        """The label of the next sample."""
+        return self._sampler.phase
+
     def set_phase(self, phase: str) -> None:
-        """Label the following samples (`train`, `eval`); takes effect from the next sample."""
-        _check_phase(phase)
-        self._sampler.phase = phase
+        """Label the following samples (one of `phases`); at a change, take the new phase's first sample now, so
+        that a phase shorter than `interval_s` still has a reading."""
+        self._check_phase(phase)
+        if phase != self._sampler.phase:
+            self._sampler.change_phase(phase, sample=self.enabled)
 
     def sample_now(self) -> None:
-        """Take one sample at once, outside the schedule (e.g. at a phase boundary)."""
+        """Take one sample at once, outside the schedule (e.g. at the end of a phase)."""
         if self.enabled:
             self._sampler.sample()
 
@@ -170,7 +180,8 @@ class GpuMonitor:
         if not thread_alive:
             self._nvml.shutdown()
 
-
-def _check_phase(phase: str) -> None:
-    if not phase or any(c in phase for c in ",\n\r"):
-        raise ValueError(f"phase must be a non-empty word, got {phase!r}")
+    def _check_phase(self, phase: str) -> None:
+        if self._phases is not None and phase not in self._phases:
+            raise ValueError(f"phase must be one of {', '.join(self._phases)}; got {phase!r}")
+        if not phase or any(c in phase for c in ",\n\r"):  # it is a CSV field
+            raise ValueError(f"phase must be a non-empty word, got {phase!r}")

@@ -35,21 +35,37 @@ class Sampler:
 
     def sample(self) -> None:
         with self._lock:
-            if self._log.file is None or self.error is not None:
-                return
-            started_s = time.perf_counter()
-            phase = self.phase
-            time_iso, elapsed_s = self._log.stamp()
-            try:
-                readings = self._nvml.read_all()
-            except Exception as e:  # NVMLError or anything else: never take the training down
-                self._fail(f"{type(e).__name__} at {elapsed_s:.1f} s: {e}")
-                return
-            gpus = self._nvml.gpus
-            self._log.write_sample(time_iso, elapsed_s, phase, gpus, readings)
-            sample_no = self.stats.add(phase, gpus, readings)
-            self._log.print_console(sample_no, phase, elapsed_s, gpus, readings)
-            self.stats.add_cost(time.perf_counter() - started_s)
+            self._sample_locked()
+
+    def change_phase(self, phase: str, sample: bool) -> None:
+        """Label the following samples `phase`; with `sample`, take the new phase's first sample now."""
+        # Bounded wait: a sampler stuck in an NVML call (holding the lock) must not stop the run at a phase change.
+        locked = self._lock.acquire(timeout=1.0)
+        try:
+            self.phase = phase  # under the lock: no sample of the old phase's can come after this one's
+            if locked and sample:
+                self._sample_locked()
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _sample_locked(self) -> None:
+        """One sample, read, written and counted; the caller holds the lock, so rows never interleave."""
+        if self._log.file is None or self.error is not None:
+            return
+        started_s = time.perf_counter()
+        phase = self.phase
+        time_iso, elapsed_s = self._log.stamp()
+        try:
+            readings = self._nvml.read_all()
+        except Exception as e:  # NVMLError or anything else: never take the training down
+            self._fail(f"{type(e).__name__} at {elapsed_s:.1f} s: {e}")
+            return
+        gpus = self._nvml.gpus
+        self._log.write_sample(time_iso, elapsed_s, phase, gpus, readings)
+        sample_no = self.stats.add(phase, gpus, readings)
+        self._log.print_console(sample_no, phase, elapsed_s, gpus, readings)
+        self.stats.add_cost(time.perf_counter() - started_s)
 
     def _fail(self, error: str) -> None:
         """Called with the lock held: log once, stop sampling."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Sequence
 
+from common.artifacts import MONITOR_PHASES
 from common.monitor.devices import MIB, GpuInfo, Reading
 
 
@@ -105,12 +106,13 @@ def format_summary(summary: dict[str, Any], torch_peaks: dict[str, Any]) -> str:
     lines = _nvml_lines(summary)
     if torch_peaks:
         lines.append("torch allocator, this process's device (peaks reset per phase):")
+        width = max(5, *(len(phase) for phase in torch_peaks))
         for phase, p in torch_peaks.items():
             if p is None or p.get("max_allocated_mib") is None:
-                lines.append(f"  {phase:<5} CUDA not available")
+                lines.append(f"  {phase:<{width}} CUDA not available")
             else:
                 lines.append(
-                    f"  {phase:<5} max allocated {p['max_allocated_mib']:,.0f} MiB,"
+                    f"  {phase:<{width}} max allocated {p['max_allocated_mib']:,.0f} MiB,"
                     f" max reserved {p['max_reserved_mib']:,.0f} MiB"
                 )
     return "\n".join(lines)
@@ -126,13 +128,21 @@ def _nvml_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("error"):
         lines.append(f"  stopped early: {summary['error']}")
     gpus = {g["label"]: g for g in summary["gpus"]}
-    for phase, by_gpu in summary["phases"].items():
-        for label, s in by_gpu.items():
+    phases = ordered_phases(summary["phases"])
+    width = max(5, *(len(phase) for phase in phases)) if phases else 5
+    for phase in phases:
+        for label, s in summary["phases"][phase].items():
             g = gpus[label]
             peak_pct = 100 * s["peak_used_mib"] / g["memory_total_mib"]
             lines.append(
-                f"  {phase:<5} {label} {g['name']}: peak {s['peak_used_mib']:,.0f} / {g['memory_total_mib']:,.0f} MiB"
+                f"  {phase:<{width}} {label} {g['name']}: peak {s['peak_used_mib']:,.0f} / {g['memory_total_mib']:,.0f} MiB"
                 f" ({peak_pct:.0f}%), mean {s['mean_used_mib']:,.0f} MiB, util {s['mean_gpu_util_pct']:.0f}%"
                 f" ({s['samples']} samples)"
             )
     return lines
+
+
+def ordered_phases(phases: dict[str, Any]) -> list[str]:
+    """The phases with samples, in MONITOR_PHASES' order (eval, train, select, save, load), any other label after."""
+    known = [p for p in MONITOR_PHASES if p in phases]
+    return known + [p for p in phases if p not in MONITOR_PHASES]

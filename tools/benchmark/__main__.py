@@ -150,8 +150,7 @@ def plan_jobs(options, every: list[BenchConfig], chosen: list[BenchConfig], leng
 def run_job(options: argparse.Namespace, monitor, name: str, target, kwargs: dict) -> dict[str, Any]:
     """One row in its own process(es), under its own NVML phase; the phase's peak GPU memory added to the row."""
     phase = name.replace(",", "_")
-    monitor.set_phase(phase)
-    monitor.sample_now()
+    monitor.set_phase(phase)  # takes the row's first sample
     if options.nproc > 1 and target is run_config:
         row = run_distributed(target, kwargs, options.nproc, options.config_timeout_s, options.fsdp)
     else:
@@ -208,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     report = new_report(options, argv, lengths)
     print(f"benchmark: {len(chosen)} configuration(s) on {report['environment']['gpu'] or 'no GPU'}", flush=True)
     monitor = GpuMonitor(log_dir / "benchmark_nvml.txt", interval_s=options.nvml_interval_s, console_every=0,
-                         phase="start", print_fn=lambda line: print(line, flush=True))
+                         phase="start", print_fn=lambda line: print(line, flush=True),
+                         phases=None)  # its phases are the rows' names
     if not options.no_fork:
         fork_server()  # the fork server starts now, before the monitor's thread
     with monitor:

@@ -8,8 +8,8 @@ difference of a few examples is not read as a gain. See docs/compare.md for how 
 
     runs.py      read a run directory (metrics, config, GPU log, predictions) and note what is missing
     stats.py     Wilson interval, McNemar's exact test, Newcombe's paired interval; the paired tests between runs
-    tables.py    the measurement, ratio, settings and paired-test rows; markdown_table
-    plots.py     GPU memory over time, training loss, selection accuracy (PNG)
+    tables.py    the measurement, time-phase, ratio, settings and paired-test rows; markdown_table
+    plots.py     where the time went (a bar per run), GPU memory over time, training loss, selection accuracy (PNG)
     report.py    compare.md and the console text: write_report(run_dirs, out_dir)
     __main__.py  the command line: arguments, one-line errors, exit status 0 / 1 / 2
 """

@@ -1,5 +1,6 @@
-"""The report's plots (PNG, matplotlib's Agg backend): GPU memory over time, one panel per run; training loss per
-optimizer step; selection accuracy per epoch. A plot with no data in any run is skipped, with a note."""
+"""The report's plots (PNG, matplotlib's Agg backend): where the time went, a stacked bar per run; GPU memory over
+time, one panel per run; training loss per optimizer step; selection accuracy per epoch. A plot with no data in any
+run is skipped, with a note."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tools.compare.runs import GpuSample, Run, get
+from common.artifacts import TIME_PHASES
+from tools.compare.runs import GpuSample, Run, get, time_phases
 
 RUN_LINESTYLES = ("-", "--", "-.", ":")  # with the colour, so that identical curves still show every run
 RUN_MARKERS = ("o", "s", "^", "D", "v")
-PHASE_SHADES = {"eval": "tab:blue", "train": "tab:orange", "select": "tab:green"}
+# One colour per time phase, the same in every report; the monitor's phases below share their time phase's.
+TIME_PHASE_COLOURS = {
+    "startup": "tab:olive", "eval_zero_shot": "tab:blue", "train_steps": "tab:orange", "select": "tab:green",
+    "checkpoint_save": "tab:red", "checkpoint_wait": "tab:pink", "load_best": "tab:purple",
+    "eval_fine_tuned": "tab:cyan", "final_save": "tab:brown", "other": "tab:gray",
+}
+UNKNOWN_PHASE_COLOUR = "black"  # a time phase newer than this code
+# densenetsmi.txt's phases (MONITOR_PHASES); an older or unknown label is shaded grey.
+PHASE_SHADES = {
+    "eval": "tab:blue", "train": "tab:orange", "select": "tab:green", "save": "tab:red", "load": "tab:purple",
+}
+TIME_PLOT = "compare_time_phases.png"
 
 
 @dataclass
@@ -122,9 +135,48 @@ def plot_series(
     return Plot(title, _save(fig, out_dir, file), note)
 
 
+def plot_time_phases(runs: Sequence[Run], out_dir: Path) -> Plot:
+    """One horizontal bar per run, its wall clock stacked by phase (timing.phases_s), first run on top."""
+    title = "Where the time went: each run's wall clock by phase"
+    recorded = [(r, time_phases(r.metrics)) for r in runs]
+    shown = [(r, p) for r, p in recorded if p]
+    missing = [r.label for r, p in recorded if not p]
+    note = f"not recorded in {', '.join(missing)}: no timing.phases_s" if missing else ""
+    if not shown:
+        return Plot(title, None, note + ": plot skipped")
+    known = [name for name, _ in TIME_PHASES]
+    names = known + sorted({n for _, p in shown for n in p} - set(known))
+    totals_s = [get(r.metrics, "timing", "wall_s") or sum(p.values()) for r, p in shown]
+    longest_s = max(max(totals_s), max(sum(p.values()) for _, p in shown), 1e-9)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 2.4 + 0.7 * len(shown)))
+    y = list(range(len(shown)))
+    lefts_s = [0.0] * len(shown)
+    for name in names:
+        widths_s = [p.get(name, 0.0) for _, p in shown]
+        if not any(w > 0 for w in widths_s):
+            continue  # a phase no run had: no legend entry
+        ax.barh(y, widths_s, left=lefts_s, height=0.6, color=TIME_PHASE_COLOURS.get(name, UNKNOWN_PHASE_COLOUR),
+                edgecolor="white", linewidth=0.8, label=name)
+        for row, (left_s, width_s) in enumerate(zip(lefts_s, widths_s)):
+            if width_s >= 0.04 * longest_s:  # the seconds inside segments wide enough to hold them
+                ax.text(left_s + width_s / 2, row, f"{width_s:,.0f}", ha="center", va="center", fontsize="small")
+        lefts_s = [left + width for left, width in zip(lefts_s, widths_s)]
+    for row, (end_s, total_s) in enumerate(zip(lefts_s, totals_s)):
+        ax.text(end_s, row, f"  {total_s:,.0f} s", va="center", fontsize="small")
+    ax.set_yticks(y, [r.label for r, _ in shown])
+    ax.invert_yaxis()  # the first run (the reference) on top
+    ax.set_xlim(0, 1.15 * longest_s)
+    ax.set(title=title, xlabel="seconds of the process's wall clock (s); segments in the order they happen")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=5, fontsize="small", frameon=False)
+    return Plot(title, _save(fig, out_dir, TIME_PLOT), note)
+
+
 def make_plots(runs: Sequence[Run], out_dir: Path) -> list[Plot]:
-    """The three plots, written into out_dir (or skipped, with a note)."""
+    """The four plots, written into out_dir (or skipped, with a note)."""
     return [
+        plot_time_phases(runs, out_dir),
         plot_gpu_memory(runs, out_dir),
         plot_series(runs, out_dir, "Training loss per optimizer step", "compare_train_loss.png",
                     "loss_per_step", "step", "loss", ("optimizer step", "training loss (nats/token)")),

@@ -9,10 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tools.compare.plots import Plot, make_plots
-from tools.compare.runs import Run, engine_settings, get, load_run, unique_labels
+from tools.compare.plots import TIME_PLOT, Plot, make_plots
+from tools.compare.runs import Run, engine_settings, get, load_run, time_phases, unique_labels
 from tools.compare.stats import Comparison, find_comparisons
-from tools.compare.tables import COMPARISON_HEADER, comparison_rows, markdown_table, measurement_rows, ratio_rows
+from tools.compare.tables import (
+    COMPARISON_HEADER,
+    comparison_rows,
+    markdown_table,
+    measurement_rows,
+    ratio_rows,
+    time_header,
+    time_rows,
+)
 
 REPORT_NAME = "compare.md"
 # Arguments that name where or how a run was started, not what it measured.
@@ -51,6 +59,8 @@ def build_report(runs: Sequence[Run], out_dir: Path) -> Report:
     ratios = markdown_table(
         [f"vs {first} (unit)", *[r.label for r in runs[1:]]], [[label, *v] for label, v in ratio_rows(runs)]
     )
+    times = markdown_table(time_header(runs), time_rows(runs))
+    time_plot = next((p for p in plots if p.file == TIME_PLOT), None)  # None: no run records its phases
     tests = markdown_table(COMPARISON_HEADER, comparison_rows(found)) if found else "No paired test could be run."
     warnings = experiment_differences(runs) + id_mismatch_notes(found) + skipped
     run_notes = [f"**{r.label}**: {note}" for r in runs for note in r.notes]
@@ -60,6 +70,7 @@ def build_report(runs: Sequence[Run], out_dir: Path) -> Report:
         "Every accuracy carries its 95% Wilson interval; `n/a` means not measured (see the notes). "
         "How to read this report: docs/compare.md.",
         "## Measurements\n\n" + measurements,
+        _time_section(runs, times, time_plot is not None),
         f"## Ratios to {first}\n\nSpeed-ups above 1x are faster; savings above 0% use less.\n\n" + ratios,
         "## Accuracy differences\n\n"
         "Paired on example id. b = first right and second wrong, c = the reverse; McNemar's exact test asks "
@@ -73,10 +84,28 @@ def build_report(runs: Sequence[Run], out_dir: Path) -> Report:
         sections.append("## Missing or partial data\n\n" + _bullets(run_notes))
     sections.append("## Plots\n\n" + "\n\n".join(_plot_markdown(p) for p in plots))
     markdown = "\n\n".join(sections) + "\n"
-    console_parts = [measurements, ratios, tests]
+    console_parts = [measurements, times, ratios, tests]
     if warnings or run_notes:
         console_parts.append("\n".join(f"note: {w}" for w in warnings + [n.replace("**", "") for n in run_notes]))
     return Report(markdown, "\n\n".join(console_parts), plots)
+
+
+def _time_section(runs: Sequence[Run], table: str, has_plot: bool) -> str:
+    """The time table with what its columns mean, and the link to its plot."""
+    columns = "columns are" if len(runs) > 2 else "column is"
+    text = (
+        "Each phase of the process's wall clock (metrics.json's timing.phases_s), in seconds and as a share of the "
+        f"run's wall clock; the last {columns} this run / {runs[0].label}, so below 1x is less time and, for the "
+        "throughputs, above 1x is faster. The training-step throughput counts the training steps alone; the "
+        "Trainer's train runtime also holds the selection passes and checkpoint saves."
+    )
+    if any(time_phases(r.metrics) for r in runs):
+        text += " `not recorded`: a run from before the phases were recorded."
+    else:
+        text += " No run here records its phases (they predate timing.phases_s): only the totals are shown."
+    if has_plot:
+        text += f" At a glance: [{TIME_PLOT}]({TIME_PLOT})."
+    return f"## Where the time went (s)\n\n{text}\n\n{table}"
 
 
 def experiment_differences(runs: Sequence[Run]) -> list[str]:

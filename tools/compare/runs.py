@@ -21,6 +21,10 @@ STATUS_MEANING = {
 }
 
 
+# The phases of timing.phases_s add up to wall_s; further apart than this share, the report says so.
+PHASES_SUM_TOLERANCE = 0.05
+
+
 class NotARunError(ValueError):
     """The directory holds no run; the message is the one-line error shown to the user."""
 
@@ -56,6 +60,14 @@ def get(data: Any, *keys: str) -> Any:
             return None
         data = data.get(key)
     return data
+
+
+def time_phases(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """metrics.json's timing.phases_s (seconds per phase of the wall clock); None for runs from before it."""
+    phases_s = get(metrics, "timing", "phases_s")
+    if not isinstance(phases_s, dict) or not phases_s:
+        return None
+    return {name: float(s) for name, s in phases_s.items() if isinstance(s, (int, float))}
 
 
 def profile_settings(run: Run) -> dict[str, Any]:
@@ -108,7 +120,24 @@ def _metrics_notes(metrics: dict[str, Any]) -> list[str]:
     for section in ("timing", "train", "accuracy", "memory"):
         if section not in metrics:
             notes.append(f"{METRICS} has no '{section}' section")
-    return notes
+    return notes + _time_notes(metrics)
+
+
+def _time_notes(metrics: dict[str, Any]) -> list[str]:
+    """Where the time went: not recorded (older runs), or phases that do not add up to the wall clock."""
+    if "timing" not in metrics:
+        return []
+    phases_s, wall_s = time_phases(metrics), get(metrics, "timing", "wall_s")
+    if phases_s is None:
+        return [f"{METRICS} has no timing.phases_s (a run from before it was recorded): where the time went is not "
+                f"recorded"]
+    if metrics.get("status") != "finished" or not isinstance(wall_s, (int, float)) or wall_s <= 0:
+        return []  # an interrupted run's phases stop where it stopped
+    sum_s = sum(phases_s.values())
+    if abs(sum_s - wall_s) > PHASES_SUM_TOLERANCE * wall_s:
+        return [f"its time phases add up to {sum_s:,.1f} s, not its wall clock of {wall_s:,.1f} s: a phase is missing "
+                f"or counted twice"]
+    return []
 
 
 def _read_json(path: Path, notes: list[str], consequence: str) -> dict[str, Any]:

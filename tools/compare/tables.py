@@ -1,5 +1,6 @@
-"""The report's tables as rows of text: measurements, ratios to the first run, the settings that differ, the
-paired tests; and markdown_table, which lays them out. Every label carries its unit; `n/a` is not measured."""
+"""The report's tables as rows of text: measurements, where the time went, ratios to the first run, the settings
+that differ, the paired tests; and markdown_table, which lays them out. Every label carries its unit; `n/a` is not
+measured."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 import math
 from typing import Any, Callable, Sequence
 
-from common.artifacts import PHASES
-from tools.compare.runs import PHASE_TITLES, Run, engine_settings, get, profile_settings
+from common.artifacts import PHASES, TIME_PHASES
+from tools.compare.runs import PHASE_TITLES, Run, engine_settings, get, profile_settings, time_phases
 from tools.compare.stats import Comparison, wilson_interval
 
 NA = "n/a"
+NOT_RECORDED = "not recorded"  # a run from before metrics.json's timing.phases_s
 TORCH_PHASE_TITLES = {"train": "train", "eval_zero_shot": "zero-shot eval", "eval": "fine-tuned eval"}
 COMPARISON_HEADER = [
     "comparison (second vs first)",
@@ -98,6 +100,8 @@ def measurement_rows(runs: Sequence[Run]) -> list[Row]:
     add("train runtime (s)", lambda r: get(r.metrics, "timing", "train_runtime_s"))
     add("train throughput (samples/s)", lambda r: get(r.metrics, "timing", "train_samples_per_s"), "{:,.2f}")
     add("train throughput (non-padding tokens/s)", lambda r: get(r.metrics, "timing", "train_tokens_per_s"), "{:,.0f}")
+    add("train throughput, training steps only (non-padding tokens/s)",
+        lambda r: get(r.metrics, "timing", "train_steps_tokens_per_s"), "{:,.0f}")
     add("optimizer steps (count)", lambda r: get(r.metrics, "train", "optimizer_steps"), "{:,}")
     rows.extend(_nvml_rows(runs))
     for phase, title in TORCH_PHASE_TITLES.items():
@@ -178,6 +182,8 @@ def ratio_rows(runs: Sequence[Run]) -> list[Row]:
     shorter = lambda base, value: base / value  # noqa: E731 - lower is better
     saved = lambda base, value: 100 * (base - value) / base  # noqa: E731
     add("speed-up, train non-padding tokens/s (x)", lambda r: get(r.metrics, "timing", "train_tokens_per_s"), faster, "{:.2f}x")
+    add("speed-up, training-step non-padding tokens/s (x)",
+        lambda r: get(r.metrics, "timing", "train_steps_tokens_per_s"), faster, "{:.2f}x")
     add("speed-up, train samples/s (x)", lambda r: get(r.metrics, "timing", "train_samples_per_s"), faster, "{:.2f}x")
     add("speed-up, train runtime (x, first's / this)", lambda r: get(r.metrics, "timing", "train_runtime_s"), shorter, "{:.2f}x")
     add("speed-up, wall time (x, first's / this)", lambda r: get(r.metrics, "timing", "wall_s"), shorter, "{:.2f}x")
@@ -187,6 +193,58 @@ def ratio_rows(runs: Sequence[Run]) -> list[Row]:
             lambda r, k=kind: get(r.metrics, "memory", "torch", "train", f"max_{k}_mib"), saved, "{:+.1f}%")
     add("disk saved, checkpoints (%)", lambda r: get(r.metrics, "disk", "checkpoints_mib"), saved, "{:+.1f}%")
     return rows
+
+
+def time_header(runs: Sequence[Run]) -> list[str]:
+    """The time table's columns: each run's seconds and share of its wall clock, then each later run / the first."""
+    first = runs[0].label
+    per_run = [cell for r in runs for cell in (f"{r.label} (s)", f"{r.label} (% of wall)")]
+    return ["phase", "what it measures", *per_run, *[f"{r.label} / {first} (x)" for r in runs[1:]]]
+
+
+def time_rows(runs: Sequence[Run]) -> list[list[str]]:
+    """Where the time went, under time_header: each phase of timing.phases_s, their sum, the wall clock, train
+    runtime, and both training throughputs (non-padding tokens/s)."""
+    phases = [time_phases(r.metrics) for r in runs]
+    walls = [get(r.metrics, "timing", "wall_s") for r in runs]
+    descriptions = dict(TIME_PHASES)
+    extra = sorted({name for p in phases if p for name in p} - set(descriptions))  # newer than this code
+    rows = []
+
+    def add(label: str, what: str, values: list[Any], spec: str, share: bool = True) -> None:
+        cells = []
+        for value, wall_s in zip(values, walls):
+            if value is NOT_RECORDED:
+                cells += [NOT_RECORDED, ""]
+                continue
+            share_pct = 100 * value / wall_s if _positive(wall_s) and isinstance(value, (int, float)) else None
+            cells += [fmt(value, spec), fmt(share_pct, "{:.1f}%") if share else ""]  # a rate has no share
+        base = values[0]
+        ratios = [fmt(v / base if _positive(base) and _positive(v) else None, "{:.2f}x") for v in values[1:]]
+        rows.append([label, what, *cells, *ratios])
+
+    names = [n for n, _ in TIME_PHASES] + extra if any(phases) else []  # no run records phases: no phase rows
+    for name in names:
+        # Absent from a run that records phases: that phase did not happen (0 s).
+        values = [NOT_RECORDED if p is None else p.get(name, 0.0) for p in phases]
+        add(name, descriptions.get(name, "a phase this version of tools.compare does not know"), values, "{:,.1f}")
+    if names:
+        add("all phases", "their sum: the wall clock, when every second is claimed",
+            [NOT_RECORDED if p is None else sum(p.values()) for p in phases], "{:,.1f}")
+    add("wall clock", "the process, from its start to the end of the run (timing.wall_s)", walls, "{:,.1f}")
+    add("train runtime", "the Trainer's train_runtime: training steps, selection passes and checkpoint saves",
+        [get(r.metrics, "timing", "train_runtime_s") for r in runs], "{:,.1f}")
+    add("training-step throughput (non-padding tokens/s)",
+        "non-padding tokens / train_steps: the training steps alone, without selection passes or saves",
+        [get(r.metrics, "timing", "train_steps_tokens_per_s") for r in runs], "{:,.0f}", share=False)
+    add("train throughput (non-padding tokens/s)",
+        "non-padding tokens / train runtime: selection passes and saves included",
+        [get(r.metrics, "timing", "train_tokens_per_s") for r in runs], "{:,.0f}", share=False)
+    return rows
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value > 0
 
 
 def comparison_rows(found: Sequence[Comparison]) -> list[list[str]]:
