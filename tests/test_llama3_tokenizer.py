@@ -10,7 +10,7 @@ import pytest
 
 from common import llama3_tokenizer as llama3
 from common.data import IGNORE_INDEX, read_release_split, tokenize_for_training
-from common.models import LLAMA_3_2_1B_RANDOM, ModelLoadError, load_tokenizer
+from common.models import LLAMA_3_2_1B_RANDOM, ModelLoadError, llama_3_2_1b_config, load_tokenizer
 from common.prompts import format_choice_prompt, format_context, format_continuation
 
 SAMPLE = Path(__file__).resolve().parent.parent / "common" / "sample"
@@ -72,7 +72,7 @@ def test_training_sequences_are_bos_prompt_answer_eos(tokenizer, meta):
 
 
 def test_special_tokens_are_llama_3s(tokenizer, meta):
-    assert len(tokenizer) == llama3.VOCAB_SIZE == meta.n_words
+    assert len(tokenizer) == llama3.VOCAB_SIZE == meta.n_words == llama_3_2_1b_config().vocab_size  # every id embeds
     assert {t: tokenizer.convert_tokens_to_ids(t) for t in llama3.special_tokens()} == meta.special_tokens
     assert (tokenizer.bos_token, tokenizer.bos_token_id) == ("<|begin_of_text|>", 128000)
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|end_of_text|>", 128001)
