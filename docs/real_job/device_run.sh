@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The real job on a GPU machine, as docs/real_job/README.md reports it: every run's metrics.json, config.json,
+# densenetsmi.txt and console log (no checkpoints) into one tar under $OUT.
+#   bash docs/real_job/device_run.sh PIECE...   PIECE: modified | baseline | caps | benchmark
+# Needs: .whl/ (liger-kernel 0.8.5, llama-models 0.3.0 wheels) and .device_data/piqa-valid-1000 (PIQA's first 1,000
+# validation examples, ../shared/data) beside the checkout.
+set -u
+OUT=${OUT:-/tmp/out}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+COLLECT=/tmp/collect; mkdir -p $COLLECT /tmp/runs
+python3 -m tools.real_job_data .device_data/piqa-valid-1000 /tmp/piqa16k --times 16
+python3 -m tools.real_job_data .device_data/piqa-valid-1000 /tmp/piqa2k --times 2
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; df -h /tmp | tail -1; free -g | head -2;
+  python3 -c "import torch, transformers, accelerate, liger_kernel, importlib.metadata as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'liger-kernel', m.version('liger-kernel'), 'llama-models', m.version('llama-models'))"
+  git log --oneline -1; } > $COLLECT/machine.txt 2>&1
+
+job() {  # job NAME SCRIPT FLAGS...: one run, timed from outside, its files collected, its checkpoints deleted
+  local name=$1 script=$2; shift 2
+  local start; start=$(date +%s.%N)
+  python3 "$script" --model llama-3.2-1b-random --output-dir /tmp/runs/$name "$@" > $COLLECT/$name.log 2>&1
+  local rc=$?
+  echo "$name rc=$rc wall_s=$(python3 -c "print(round($(date +%s.%N) - $start, 1))") cmd: python3 $script --model llama-3.2-1b-random $*" | tee -a $COLLECT/walls.txt
+  mkdir -p $COLLECT/$name
+  for f in metrics.json config.json densenetsmi.txt compare.md; do cp /tmp/runs/$name/$f $COLLECT/$name/ 2>/dev/null; done
+  du -sm /tmp/runs/$name/* > $COLLECT/$name/disk_mib.txt 2>/dev/null
+  rm -rf /tmp/runs/$name
+}
+
+for piece in "$@"; do
+  case $piece in
+    modified) job modified modified.py --data-dir /tmp/piqa16k ;;
+    baseline) job baseline baseline.py --data-dir /tmp/piqa16k ;;
+    caps) for gib in 22 38 78; do for s in modified baseline; do
+            job cap$gib-$s $s.py --data-dir /tmp/piqa2k --num-train-epochs 1 --gpu-memory-gib $gib; done; done ;;
+    benchmark) python3 -m tools.benchmark --configs modified --steps 123 --max-measure-s 60 \
+                 --json-out $COLLECT/benchmark/benchmark.json > $COLLECT/benchmark.log 2>&1
+               echo "benchmark rc=$?" | tee -a $COLLECT/walls.txt ;;
+  esac
+done
+tar czf $OUT/results.tgz -C $COLLECT .
