@@ -149,7 +149,8 @@ def score_loglik(
     order = sorted(range(len(examples)), key=lambda i: -max(len(sequences[2 * i][0]), len(sequences[2 * i + 1][0])))
     # A PEFT wrapper's forward takes **kwargs and passes them on; ask the model inside it.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    takes_logits_to_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    # The class's forward: the answer-token loss's forward on the instance passes logits_to_keep on to it.
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
     vocab_size = inner.get_output_embeddings().weight.shape[0]
     batches, fillers = _share(_batches_within_budget(order, sequences, batch_size, vocab_size, logits_bytes),
                               shard)

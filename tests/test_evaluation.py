@@ -269,3 +269,28 @@ def test_bad_arguments(model, tokenizer):
         evaluate(model, tokenizer, EXAMPLES, method="mc")
     with pytest.raises(ValueError, match="no examples"):
         evaluate(model, tokenizer, [])
+
+
+def test_the_answer_token_loss_leaves_evaluation_its_logits_to_keep(monkeypatch):
+    """The loss's forward on the instance hides the model's signature; evaluation must still ask for the answer
+    positions' logits only (without it, every position's logits: the 22 GiB card's zero-shot pass ran out)."""
+    import functools
+
+    from common.loss import use_answer_token_loss
+    from common.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("smoke")
+    model = load_model("smoke", tokenizer)
+    use_answer_token_loss(model)
+    kept = []
+    own_forward = type(model).forward
+
+    @functools.wraps(own_forward)
+    def spy(self, *args, **kwargs):
+        kept.append(kwargs.get("logits_to_keep"))
+        return own_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    examples = [PiqaExample("t-1", "How do I open a jar?", "Twist the lid.", "Bake the jar for an hour.", 0)]
+    score_loglik(model.eval(), tokenizer, examples)
+    assert kept and all(isinstance(k, int) and k > 0 for k in kept)
