@@ -80,6 +80,8 @@ class PendingWrite:
     optimizer_state: dict | None  # host tensors; None: weights only
     after: Any  # callable run once the checkpoint is complete (rotation)
     started_s: float = field(default_factory=time.perf_counter)
+    also_weights_to: list = field(default_factory=list)  # directories that get the weights too (the final model)
+    closed: bool = False  # the thread took the last of also_weights_to
 
 
 class CheckpointWriter:
@@ -92,6 +94,7 @@ class CheckpointWriter:
         self._optimizer_buffers = HostSnapshot(pin)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
         self.write_seconds: list[float] = []  # each checkpoint's background write, s
 
     def stage(self, final: Path, model_state: dict, optimizer_state: dict | None, after=None) -> Path:
@@ -122,9 +125,12 @@ class CheckpointWriter:
 
     def _write(self, pending: PendingWrite) -> None:
         try:
+            optimizer_writer = None
+            if pending.optimizer_state is not None:  # the two large files at once: each is mostly CPU-bound
+                optimizer_writer = _Thread(torch.save, pending.optimizer_state, pending.staging / OPTIMIZER_FILE)
             self.model.save_pretrained(str(pending.staging), state_dict=pending.model_state)
-            if pending.optimizer_state is not None:
-                torch.save(pending.optimizer_state, pending.staging / OPTIMIZER_FILE)
+            if optimizer_writer is not None:
+                optimizer_writer.join()
             self._ready.wait()
             if pending.final.exists():
                 shutil.rmtree(pending.final)  # a checkpoint of the same step from an earlier session (resume)
@@ -132,8 +138,25 @@ class CheckpointWriter:
             if pending.after is not None:
                 pending.after()
             self.write_seconds.append(time.perf_counter() - pending.started_s)
+            while True:  # the directories also_write_weights adds, until none is left
+                with self._lock:
+                    if not pending.also_weights_to:
+                        pending.closed = True
+                        break
+                    directory = pending.also_weights_to.pop(0)
+                self.model.save_pretrained(str(directory), state_dict=pending.model_state)
         except BaseException as err:  # noqa: BLE001 - handed to the training thread at its next save or wait
             self._error = err
+            pending.closed = True
+
+    def also_write_weights(self, directory: Path) -> bool:
+        """Write the last staged weights to `directory` too (save_pretrained), after the checkpoint, in the
+        background; False where no write is in progress to add it to."""
+        with self._lock:
+            if self._thread is None or self._pending.closed:
+                return False
+            self._pending.also_weights_to.append(directory)
+            return True
 
     def wait(self) -> None:
         """Block until the write in progress is complete; raise its error, if it had one."""
@@ -153,3 +176,23 @@ class CheckpointWriter:
     def host_buffer_bytes(self) -> int:
         return self._model_buffers.nbytes + self._optimizer_buffers.nbytes
 
+
+
+class _Thread(threading.Thread):
+    """A call in a thread of its own; join() raises its error."""
+
+    def __init__(self, function, *args) -> None:
+        super().__init__(daemon=True)
+        self._call, self._error = (function, args), None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._call[0](*self._call[1])
+        except BaseException as err:  # noqa: BLE001 - raised on the joining thread
+            self._error = err
+
+    def join(self, timeout=None) -> None:
+        super().join(timeout)
+        if self._error is not None:
+            raise self._error

@@ -76,3 +76,18 @@ class PhaseTimes:
         phases = dict(self.seconds)
         phases["other"] = max(0.0, wall_s - sum(v for k, v in phases.items() if k != "other"))
         return {"wall_s": wall_s, "phases_s": phases}
+
+
+class StartupClock:
+    """Start-up's parts (data, tokenizer, model, ...): `lap(name)` charges the time since the last lap to `name`."""
+
+    def __init__(self) -> None:
+        self.laps_s: dict[str, float] = {}
+        self._last_s = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now_s = time.perf_counter()
+        self.laps_s[name] = self.laps_s.get(name, 0.0) + now_s - self._last_s
+        self._last_s = now_s

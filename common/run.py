@@ -35,7 +35,7 @@ from common.models import (
     resolve_model_argument,
 )
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
-from common.phases import PhaseTimes
+from common.phases import PhaseTimes, StartupClock
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib, first_free_dir
 from common.training import (
@@ -79,6 +79,7 @@ class Experiment:
     train_features: list[dict]  # the training examples tokenized (empty with --eval-only)
     truncated: int  # training examples --max-length cut
     memory_plan: MemoryPlan | None  # the engine's memory settings as fitted to this GPU (None on a CPU)
+    startup_s: dict  # set-up's parts, s (the rest of start-up is the interpreter and the imports)
     checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
 
 
@@ -121,11 +122,16 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
             if note:
                 print(note)
     hub.check_reachable(hub_needs(args))
+    clock = StartupClock()
     data = build_experiment_data(args.data_dir, args.smoke, args.train_samples, args.selection_samples,
                                  args.eval_sample_count(), args.seed, need_train=not args.eval_only)
+    clock.lap("data")
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
+    clock.lap("tokenizer")
     model = load_model(args.model, tokenizer, args.trust_remote_code, args.token, device=compute_device())
+    clock.lap("model")
     features, truncated = ([], 0) if args.eval_only else tokenize_examples(data.train, tokenizer, args.max_length)
+    clock.lap("tokenize")
     install_kernels(model, engine)
     memory_plan = fit_to_gpu(model, engine, [len(f["input_ids"]) for f in features], args.batch_size, world_size())
     if memory_plan:
@@ -135,6 +141,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
     checkpoint_budget = install_checkpoint_budget(model, engine, autocast_dtype(profile))
     if checkpoint_budget and is_main_process() and not args.eval_only:
         print(checkpoint_budget.describe())
+    clock.lap("engine")
     disk_estimate = {}
     if not args.eval_only and not resume_from:
         epochs = math.ceil(args.num_train_epochs)
@@ -147,7 +154,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
         (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
     distributed.barrier()
     return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
-                      disk_estimate, features, truncated, memory_plan, checkpoint_budget)
+                      disk_estimate, features, truncated, memory_plan, clock.laps_s, checkpoint_budget)
 
 
 def describe(profile: Profile) -> str:
@@ -185,6 +192,7 @@ def carry_out(experiment: Experiment) -> int:
     torch_peaks: dict = {}
     monitor = GpuMonitor(run_dir / artifacts.GPU_LOG, interval_s=args.monitor_interval, pmon=args.pmon, phase="eval")
     phases = PhaseTimes(on_change=monitor.set_phase)
+    metrics.update(timing={"startup_parts_s": experiment.startup_s})
     status = "failed"  # until the run ends normally or is interrupted
     try:
         with monitor:
@@ -301,7 +309,8 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
-        metrics.update(train=training_record(trainer, truncated, resume_from))
+        metrics.update(train=training_record(trainer, truncated, resume_from),
+                       memory={"torch_first_step_allocated_mib": trainer.first_step_memory.allocated_mib})
     runtime_s = output.metrics["train_runtime"]  # includes the selection passes and the checkpoint saves
     session_tokens = trainer.state.num_input_tokens_seen - tokens_before
     metrics.update(
@@ -318,10 +327,18 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
 
 
 def save_final_model(experiment: Experiment, trainer: PiqaTrainer) -> None:
-    final_model = str(experiment.run_dir / artifacts.FINAL_MODEL)
-    trainer.save_model(final_model)
+    """final_model/: where the model still holds the last checkpoint's weights, the checkpoint writer writes them
+    from its host copy after that checkpoint (no second copy from the GPU); then every write is waited for."""
+    final_model = experiment.run_dir / artifacts.FINAL_MODEL
+    queued = is_main_process() and trainer.weights_as_staged() and trainer.writer.also_write_weights(final_model)
+    if not queued:
+        trainer.save_model(str(final_model))
     if is_main_process():
-        experiment.tokenizer.save_pretrained(final_model)
+        final_model.mkdir(parents=True, exist_ok=True)
+        experiment.tokenizer.save_pretrained(str(final_model))
+        if queued:
+            torch.save(trainer.args, final_model / "training_args.bin")  # as Trainer.save_model writes it
+    trainer.finish_checkpoints()
     # Under FSDP the save all-gathers the weights and only rank 0 waits for each transfer; a rank that
     # exited now would take its half of the queued transfers with it and leave rank 0 waiting forever.
     distributed.barrier()

@@ -7,13 +7,14 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
-from common import distributed
+from common import artifacts, distributed
 from common.checkpoint_writer import CheckpointWriter
 from common.checkpointing import CheckpointBudget, budget_checkpointing
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
@@ -230,6 +231,27 @@ class SelectionPeaks:
         return {k: max(v, since_last_selection[k]) for k, v in self.train.items()}
 
 
+class FirstStepMemory(TrainerCallback):
+    """torch's allocated memory around the first optimizer step, MiB: what the state and the first micro-batches hold
+    (the optimizer's state is created in that step)."""
+
+    def __init__(self) -> None:
+        self.allocated_mib: dict[str, float] = {}
+
+    def _record(self, moment: str) -> None:
+        if torch.cuda.is_available() and moment not in self.allocated_mib:
+            self.allocated_mib[moment] = torch.cuda.memory_allocated() / 2**20
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._record("before_first_step")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._record("before_first_optimizer_step")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._record("after_first_optimizer_step")
+
+
 class PiqaTrainer(Trainer):
     """The Trainer, with `evaluate()` measuring PIQA accuracy (log-likelihood method) on its `eval_dataset`:
     the selection slice, a list of PiqaExample held out from the training data; checkpoints written in the
@@ -248,19 +270,40 @@ class PiqaTrainer(Trainer):
         self.phases = phases
         self.peaks = SelectionPeaks()
         self.writer = CheckpointWriter(self.model, pin=torch.cuda.is_available()) if background_checkpoints else None
+        self._staged_step = -1  # global step of the last checkpoint staged for the writer
+        self._loaded_best = False
+        self._best_in_memory: str | None = None  # the best checkpoint, while the Trainer must not look for it
+        self.first_step_memory = FirstStepMemory()
+        self.add_callback(self.first_step_memory)
 
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
+        except BaseException:
+            self.finish_checkpoints()  # no write is left running when train() fails
+            raise
         finally:
-            self.wait_for_checkpoints()  # also after an error: no write is left running when train() returns
+            if self._best_in_memory is not None:  # see _load_best_model
+                self.state.best_model_checkpoint, self._best_in_memory = self._best_in_memory, None
 
-    def wait_for_checkpoints(self) -> None:
-        if self.writer is not None and self.writer.busy:
+    def finish_checkpoints(self) -> None:
+        """Wait for the background writes (they overlap the final evaluation and save); then keep only the best
+        checkpoint where save_total_limit is 1, as the Trainer does at the end of train()."""
+        if self.writer is None:
+            return
+        if self.writer.busy:
             with self.phases.phase("checkpoint_wait"):
                 self.writer.wait()
-        elif self.writer is not None:
-            self.writer.wait()  # raises a finished write's error
+        self.writer.wait()  # raises a write's error
+        best = self.state.best_model_checkpoint
+        if self.args.should_save and best and self.args.save_total_limit == 1:
+            for checkpoint in artifacts.checkpoints(Path(self.args.output_dir)):
+                if checkpoint.resolve() != Path(best).resolve():
+                    shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def weights_as_staged(self) -> bool:
+        """The model's weights are those of the last checkpoint staged (no step and no load since)."""
+        return self.writer is not None and self._staged_step == self.state.global_step and not self._loaded_best
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         self.peaks.begin_selection()
@@ -309,6 +352,7 @@ class PiqaTrainer(Trainer):
                 final, self.model.state_dict(), self.optimizer.state_dict(),
                 after=lambda: rotate_checkpoints(str(run_dir), limit, best_checkpoint, use_mtime=False),
             )
+            self._staged_step = self.state.global_step
         distributed.barrier()  # every rank's RNG state goes into rank 0's staging directory
         try:
             staging.mkdir(parents=True, exist_ok=True)
@@ -338,9 +382,19 @@ class PiqaTrainer(Trainer):
         self.state.save_to_json(str(directory / "trainer_state.json"))
 
     def _load_best_model(self) -> None:
-        self.wait_for_checkpoints()
+        best = self.state.best_model_checkpoint
+        if self.weights_as_staged() and Path(best).name == f"checkpoint-{self._staged_step}":
+            # The best is the last checkpoint, staged from the weights the model still holds: nothing to load, and
+            # no need to wait for its write. The Trainer's end-of-train cleanup would look for it on disk, so it
+            # sees no best until train() returns; finish_checkpoints does that cleanup once the write is complete.
+            if distributed.is_main_process():
+                print(f"the best checkpoint is the last, {best} (selection accuracy {self.state.best_metric:.2f} %): "
+                      "the model holds its weights already")
+            self._best_in_memory, self.state.best_model_checkpoint = best, None
+            return
         with self.phases.phase("load_best"):
             super()._load_best_model()
+        self._loaded_best = True
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """The best checkpoint holds a tied output projection once, under the input embeddings' name: say so in one

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real job on a GPU machine, as docs/real_job/README.md reports it: every run's metrics.json, config.json,
 # densenetsmi.txt and console log (no checkpoints) into one tar under $OUT.
-#   bash docs/real_job/device_run.sh PIECE...   PIECE: modified | baseline | caps | benchmark
+#   bash docs/real_job/device_run.sh PIECE...   PIECE: modified | baseline | caps | cap22 | snapshot22 | benchmark
 # Needs: .whl/ (liger-kernel 0.8.5, llama-models 0.3.0 wheels) and .device_data/piqa-valid-1000 (PIQA's first 1,000
 # validation examples, ../shared/data) beside the checkout.
 set -u
@@ -32,6 +32,11 @@ for piece in "$@"; do
   case $piece in
     modified) job modified modified.py --data-dir /tmp/piqa16k ;;
     baseline) job baseline baseline.py --data-dir /tmp/piqa16k ;;
+    cap22) for s in modified baseline; do
+             job cap22-$s $s.py --data-dir /tmp/piqa2k --num-train-epochs 1 --gpu-memory-gib 22; done ;;
+    snapshot22) python3 docs/real_job/memory_snapshot.py $COLLECT/snapshot22-baseline.txt baseline.py \
+                  --model llama-3.2-1b-random --output-dir /tmp/runs/snap --data-dir /tmp/piqa2k --num-train-epochs 1 \
+                  --gpu-memory-gib 22 --max-steps 1 > $COLLECT/snapshot22-baseline.log 2>&1; rm -rf /tmp/runs/snap ;;
     caps) for gib in 22 38 78; do for s in modified baseline; do
             job cap$gib-$s $s.py --data-dir /tmp/piqa2k --num-train-epochs 1 --gpu-memory-gib $gib; done; done ;;
     benchmark) python3 -m tools.benchmark --configs modified --steps 123 --max-measure-s 60 \
