@@ -71,7 +71,9 @@ def _saved_by_layers(model, layers, rows: int, device, autocast_dtype) -> tuple[
         if inside["layer"]:
             storage = tensor.untyped_storage()
             saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
+        # Detached: the storage stays alive until the output is deleted, without the reference cycle that a tensor
+        # saved with its own grad_fn makes (autograd's graph, and the bf16 weight copies in it, would never be freed).
+        return tensor.detach()
 
     def enter(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]

@@ -69,3 +69,22 @@ def test_gradients_equal_those_of_checkpointing_every_layer(kept_layers):
     assert flags == [True] * (2 - kept_layers) + [False] * kept_layers  # the first layers checkpointed, the last kept
     for name, grad in reference.items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_the_probe_leaves_nothing_allocated(autocast):
+    """The probe's graph is freed (a saved tensor that holds its own grad_fn would keep it, and in mixed precision
+    the bf16 copies of every weight with it: 2.3 GiB for the 1B model, measured on the H200)."""
+    import gc
+
+    from common.checkpointing import measure_layer_activations
+
+    model = tiny_model()
+
+    def live_tensor_ids():
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if torch.is_tensor(o)}
+
+    before = live_tensor_ids()
+    measure_layer_activations(model, autocast)
+    assert live_tensor_ids() - before == set()
