@@ -96,11 +96,13 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self.write_seconds: list[float] = []  # each checkpoint's background write, s
+        self.stage_seconds: list[float] = []  # each checkpoint's copy to host memory, on the caller's thread, s
 
     def stage(self, final: Path, model_state: dict, optimizer_state: dict | None, after=None) -> Path:
         """Copy the states to host memory and start writing them; returns the staging directory, where the caller
         writes the small files now (they must be there before the rename)."""
         self.wait()
+        started_s = time.perf_counter()
         staging = staging_dir(final)
         if staging.exists():
             shutil.rmtree(staging)  # an earlier run's interrupted write of this step
@@ -109,6 +111,7 @@ class CheckpointWriter:
         host_optimizer = self._optimizer_buffers.copy(optimizer_state) if optimizer_state is not None else None
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the host copies are complete before the thread reads them
+        self.stage_seconds.append(time.perf_counter() - started_s)
         pending = PendingWrite(staging, final, host_model, host_optimizer, after)
         return self._start(pending)
 

@@ -3,6 +3,7 @@ model, or the Llama-3.2-1B architecture with random weights (for speed and memor
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -160,15 +161,16 @@ def check_model_path(model: str) -> None:
 
 
 def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: str | None = None,
-               device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Weights in fp32 on `device`: the Trainer's mixed precision keeps fp32 master weights and autocasts."""
+               device: torch.device | str | None = None) -> torch.nn.Module:
+    """Weights in fp32 on `device` (None: torch's default device): the Trainer's mixed precision keeps fp32 master
+    weights and autocasts."""
     if model == SMOKE_MODEL:
         torch.manual_seed(0)
         return LlamaForCausalLM(smoke_config(tokenizer)).to(device)
     if model == LLAMA_3_2_1B_RANDOM:
         torch.manual_seed(0)
-        with torch.device(device):  # initialised where it runs: on a CPU 1.2 B random draws take ~10 s
-            return LlamaForCausalLM(llama_3_2_1b_config())
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return LlamaForCausalLM(llama_3_2_1b_config())  # initialised where it runs: on a CPU ~10 s
     check_model_path(model)
     path = Path(model)
     try:

@@ -102,6 +102,7 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
 
 def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
     """Every input checked, data and model loaded; only then is the run directory cleared and config.json written."""
+    clock = StartupClock()  # from here; before it: the interpreter, the imports
     user_visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     if note := one_gpu_unless_distributed():
         print(note)
@@ -122,7 +123,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
             if note:
                 print(note)
     hub.check_reachable(hub_needs(args))
-    clock = StartupClock()
+    clock.lap("arguments_and_cuda")
     data = build_experiment_data(args.data_dir, args.smoke, args.train_samples, args.selection_samples,
                                  args.eval_sample_count(), args.seed, need_train=not args.eval_only)
     clock.lap("data")
@@ -153,6 +154,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
     distributed.barrier()
+    clock.lap("disk_check_and_config")
     return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
                       disk_estimate, features, truncated, memory_plan, clock.laps_s, checkpoint_budget)
 
@@ -319,6 +321,7 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
             "train_samples_per_s": output.metrics["train_samples_per_second"],
             "train_tokens_per_s": session_tokens / runtime_s if runtime_s else None,  # non-padding, this session
             "checkpoint_writes_s": trainer.writer.write_seconds if trainer.writer else [],  # in the background
+            "checkpoint_copies_s": trainer.writer.stage_seconds if trainer.writer else [],  # to host memory
         },
         train={"mean_loss": output.training_loss,  # the Trainer's mean over every step of this session
                "session_tokens": session_tokens},  # non-padding tokens trained on by this process
