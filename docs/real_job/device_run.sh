@@ -32,6 +32,8 @@ for piece in "$@"; do
   case $piece in
     modified) job modified modified.py --data-dir /tmp/piqa16k ;;
     baseline) job baseline baseline.py --data-dir /tmp/piqa16k ;;
+    caps-rest) for gib in 38 78; do for s in modified baseline; do
+                 job cap$gib-$s $s.py --data-dir /tmp/piqa2k --num-train-epochs 1 --gpu-memory-gib $gib; done; done ;;
     cap22) for s in modified baseline; do
              job cap22-$s $s.py --data-dir /tmp/piqa2k --num-train-epochs 1 --gpu-memory-gib 22; done ;;
     snapshot22) python3 docs/real_job/memory_snapshot.py $COLLECT/snapshot22-baseline.txt baseline.py \
