@@ -21,7 +21,7 @@ EVAL_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 2  # a selection pass: the training
 BF16_COPY_BYTES_PER_PARAMETER = 2  # mixed precision's weights cast for the forward pass (autocast's cache)
 # What the plan leaves free beyond the state and the activations: the loss's 256 MiB chunks, cuBLAS workspaces,
 # allocator fragmentation.
-HEADROOM_BYTES = GIB // 2 + GIB // 4
+HEADROOM_BYTES = GIB
 EVAL_LOGITS_MAX_BYTES = 4 * GIB  # the evaluation's bound where memory allows (common/evaluation.py)
 EVAL_LOGITS_MIN_BYTES = GIB // 4
 
@@ -55,17 +55,22 @@ def longest_micro_batch_positions(lengths: list[int], micro_batch: int) -> int:
     return micro_batch * longest[0] if longest else 0
 
 
-def transient_bytes(parameters: int, positions: int, activations: LayerActivations) -> int:
-    """What comes on top of the kept activations at the peak: in the forward pass mixed precision's bf16 weight
-    copies, in the backward pass one checkpointed layer's recomputed activations; the larger of the two."""
-    return int(max(parameters * BF16_COPY_BYTES_PER_PARAMETER, positions * activations.kept_bytes))
+def transient_bytes(parameters: int, head_parameters: int, positions: int, activations: LayerActivations) -> int:
+    """What comes on top of the kept activations at the peak, the larger of: in the forward pass, mixed precision's
+    bf16 weight copies; in the backward pass, one checkpointed layer's recomputed activations and two fp32 gradients
+    of the output projection (the loss's and the tied input embeddings', before they are summed: the 22 GiB card's
+    backward asked for one more 1,002 MiB there)."""
+    forward = parameters * BF16_COPY_BYTES_PER_PARAMETER
+    backward = positions * activations.kept_bytes + 2 * 4 * head_parameters
+    return int(max(forward, backward))
 
 
 def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, layers: int,
-                activations: LayerActivations, lengths: list[int], batch_size: int, world_size: int) -> MemoryPlan:
+                activations: LayerActivations, lengths: list[int], batch_size: int, world_size: int,
+                head_parameters: int = 0) -> MemoryPlan:
     """The smallest gradient accumulation (at least the flag's) whose longest micro-batch fits with every layer
     checkpointed, then the largest activation budget (at most the flag's) that fits beside it. `activations`: the
-    larger of both precisions' per-position bytes. Raises ConfigError where even one example per micro-batch cannot
+    larger of both precisions' per-position bytes; `head_parameters`: the output projection's. Raises ConfigError where even one example per micro-batch cannot
     fit."""
     state = parameters * TRAINING_STATE_BYTES_PER_PARAMETER
     room = usable_bytes - state - HEADROOM_BYTES  # for activations and transients
@@ -75,7 +80,7 @@ def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, lay
         if batch_size % per_step == 0:
             positions = longest_micro_batch_positions(lengths, batch_size // per_step)
             kept = positions * layers * activations.checkpointed_bytes if engine.gradient_checkpointing else 0
-            needed = kept + transient_bytes(parameters, positions, activations)
+            needed = kept + transient_bytes(parameters, head_parameters, positions, activations)
             if needed <= room:
                 break
         if per_step >= batch_size:
@@ -86,7 +91,7 @@ def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, lay
         accumulation += 1
     budget = engine.activation_budget_gib
     if engine.gradient_checkpointing:
-        spare_gib = max(0.0, (room - transient_bytes(parameters, positions, activations)) / GIB)
+        spare_gib = max(0.0, (room - transient_bytes(parameters, head_parameters, positions, activations)) / GIB)
         budget = min(budget, float(int(spare_gib * 4) / 4))  # quarter-GiB steps
     eval_room = usable_bytes - parameters * EVAL_STATE_BYTES_PER_PARAMETER - HEADROOM_BYTES
     logits = int(min(EVAL_LOGITS_MAX_BYTES, max(EVAL_LOGITS_MIN_BYTES, eval_room // 2)))
@@ -130,4 +135,5 @@ def fit_to_gpu(model, engine: EngineArguments, lengths: list[int], batch_size: i
     larger = LayerActivations(max(fp32.kept_bytes, bf16.kept_bytes),
                               max(fp32.checkpointed_bytes, bf16.checkpointed_bytes))
     return plan_memory(engine, usable_gpu_bytes(device, engine.gpu_memory_gib), count_parameters(model),
-                       len(decoder_layers(model)), larger, lengths, batch_size, world_size)
+                       len(decoder_layers(model)), larger, lengths, batch_size, world_size,
+                       model.get_output_embeddings().weight.numel())
