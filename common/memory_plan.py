@@ -22,6 +22,10 @@ BF16_COPY_BYTES_PER_PARAMETER = 2  # mixed precision's weights cast for the forw
 # What the plan leaves free beyond the state and the activations: the loss's 256 MiB chunks, cuBLAS workspaces,
 # allocator fragmentation.
 HEADROOM_BYTES = GIB
+# Below this, checkpoint every layer: the budget counts activations per position, not what a kept layer holds
+# whatever the batch (its bf16 weight copies in mixed precision); on a 22 GiB cap a 0.25 GiB budget ran modified
+# out of memory where accumulation 16 alone left room.
+MIN_BUDGET_GIB = 2.0
 EVAL_LOGITS_MAX_BYTES = 4 * GIB  # the evaluation's bound where memory allows (common/evaluation.py)
 EVAL_LOGITS_MIN_BYTES = GIB // 4
 
@@ -93,6 +97,8 @@ def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, lay
     if engine.gradient_checkpointing:
         spare_gib = max(0.0, (room - transient_bytes(parameters, head_parameters, positions, activations)) / GIB)
         budget = min(budget, float(int(spare_gib * 4) / 4))  # quarter-GiB steps
+        if budget < MIN_BUDGET_GIB:
+            budget = 0.0  # every layer checkpointed
     eval_room = usable_bytes - parameters * EVAL_STATE_BYTES_PER_PARAMETER - HEADROOM_BYTES
     logits = int(min(EVAL_LOGITS_MAX_BYTES, max(EVAL_LOGITS_MIN_BYTES, eval_room // 2)))
     changes = []
