@@ -267,9 +267,19 @@ def redact(config: dict) -> dict:
     }
 
 
-def parse_arguments(argv: list[str] | None = None, description: str | None = None,
-                    prog: str | None = None) -> tuple[ExperimentArguments, EngineArguments]:
-    """`[CONFIG.json] [--option VALUE ...]`; a mistake is one `error:` line and exit 2, a bad value a ConfigError."""
+def describe(profile: Profile) -> str:
+    """--help's first lines: which profile this script runs."""
+    settings = ", ".join(f"{name}={value}" for name, value in asdict(profile).items() if name != "name")
+    return (f"Fine-tune on PIQA with the '{profile.name}' profile ({settings}). Every option below is the same "
+            "in baseline.py and modified.py.")
+
+
+def parse_arguments(argv: list[str] | None = None, description: str | None = None, prog: str | None = None,
+                    profile: Profile | None = None) -> tuple[ExperimentArguments, EngineArguments]:
+    """`[CONFIG.json] [--option VALUE ...]`; a mistake is one `error:` line and exit 2, a bad value a ConfigError.
+    With `profile`, --help describes it and the program is named after it."""
+    if profile is not None:
+        description, prog = describe(profile), f"{profile.name}.py"
     args, engine = parse_command_line((ExperimentArguments, EngineArguments), argv, SMOKE_DEFAULTS, description, prog)
     args.validate()
     engine.validate()

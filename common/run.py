@@ -77,13 +77,14 @@ class Experiment:
     checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
 
 
-def run(profile: Profile, argv: list[str] | None = None) -> int:
-    """Entry point of baseline.py and modified.py; returns the process exit code."""
+def run(profile: Profile, argv: list[str] | None = None, parsed: tuple | None = None) -> int:
+    """The experiment for baseline.py and modified.py (through common/launch.py, which passes the arguments it
+    `parsed` from `argv`); returns the process exit code."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C must stop the run cleanly even when a parent shell started it with SIGINT ignored (`cmd &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        experiment = set_up(profile, argv)
+        experiment = set_up(profile, argv, parsed)
     except USER_ERRORS as err:
         if is_main_process():
             print(f"error: {err}", file=sys.stderr)
@@ -94,12 +95,12 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     return carry_out(experiment)
 
 
-def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
+def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None) -> Experiment:
     """Every input checked, data and model loaded; only then is the run directory cleared and config.json written."""
     user_visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     if note := one_gpu_unless_distributed():
         print(note)
-    args, engine = parse_arguments(argv, description=describe(profile), prog=f"{profile.name}.py")
+    args, engine = parsed or parse_arguments(argv, profile=profile)
     configure_allocator(engine)  # before anything starts CUDA
     distributed.init()
     args.micro_batch_size(engine, world_size())
@@ -136,13 +137,6 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
     distributed.barrier()
     return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
                       disk_estimate, checkpoint_budget)
-
-
-def describe(profile: Profile) -> str:
-    """--help's first lines: which profile this script runs."""
-    settings = ", ".join(f"{name}={value}" for name, value in asdict(profile).items() if name != "name")
-    return (f"Fine-tune on PIQA with the '{profile.name}' profile ({settings}). Every option below is the same "
-            "in baseline.py and modified.py.")
 
 
 def choose_run_dir(args, profile: Profile) -> tuple[Path, str | None]:

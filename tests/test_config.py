@@ -155,3 +155,28 @@ def test_batch_must_split_into_micro_batches():
 def test_secrets_are_redacted_and_absent_ones_stay_null():
     assert redact({"hub_token": "hf_abc", "seed": 1}) == {"hub_token": "<redacted>", "seed": 1}
     assert redact({"token": None}) == {"token": None}
+
+
+def test_help_answers_before_torch_and_transformers_are_imported():
+    """`--help` and a mistyped option are read before the seconds-long imports (issue 26: --help within 2 s)."""
+    code = ("import sys, time\nstarted = time.perf_counter()\nimport modified\n"
+            "for argv in (['--help'], ['--batchsize', '8']):\n"
+            "    try:\n        modified.main(modified.PROFILE, argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)), time.perf_counter() - started)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    imported, took_s = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert imported == "[]", done.stdout
+    assert float(took_s) < 2.0
+
+
+def test_every_switch_that_is_on_by_default_has_an_off_flag_with_its_own_help():
+    out = subprocess.run([sys.executable, "baseline.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         check=False).stdout
+    text = " ".join(out.split())
+    on_by_default = [f.name.replace("_", "-") for f in dataclasses.fields(EngineArguments) if f.default is True]
+    assert on_by_default
+    for name in on_by_default:
+        assert f"--no-{name} Turn --{name} off" in text, name
+    assert parse_arguments(["--smoke", "--no-gradient-checkpointing"])[1].gradient_checkpointing is False
+    assert parse_arguments(["--smoke", "--no_liger"])[1].liger is False
