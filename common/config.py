@@ -7,6 +7,7 @@ management and pinned memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from common.cli import parse_command_line
@@ -120,8 +121,8 @@ class EngineArguments:
             raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.loss == "liger-fused" and not self.liger:
             raise ConfigError("--loss liger-fused is Liger's kernel: it needs --liger (drop --no-liger or pick another --loss)")
-        if self.activation_budget_gib < 0:
-            raise ConfigError(f"--activation-budget-gib must be 0 or more, got {self.activation_budget_gib}")
+        if not self.activation_budget_gib >= 0 or math.isinf(self.activation_budget_gib):  # `not >=`: NaN too
+            raise ConfigError(f"--activation-budget-gib must be 0 or more and finite, got {self.activation_budget_gib}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ConfigError(f"--pad-to-multiple-of must be at least 1, got {self.pad_to_multiple_of}")
         if self.ddp_comm_hook not in (None, *DDP_COMM_HOOKS):
@@ -224,8 +225,10 @@ class ExperimentArguments:
             "--selection-samples": self.selection_samples,
         }
         for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name} must be greater than 0, got {value}")
+            if not value > 0 or math.isinf(value):  # `not >`: NaN compares false with everything
+                raise ConfigError(f"{name} must be greater than 0 and finite, got {value}")
+        if not self.weight_decay >= 0 or math.isinf(self.weight_decay):
+            raise ConfigError(f"--weight-decay must be 0 or more and finite, got {self.weight_decay}")
         if self.train_samples is not None and self.train_samples <= 0:
             raise ConfigError(f"--train-samples must be greater than 0, got {self.train_samples}")
         count = self.eval_sample_count()

@@ -35,6 +35,7 @@ from common.models import (
     resolve_model_argument,
 )
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
+from common.preflight import check_max_length, check_trainer_arguments
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib, first_free_dir
 from common.training import (
@@ -110,6 +111,7 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     run_dir, run_dir_note = choose_run_dir(args, profile)
     resume_from = check_run_dir(run_dir, args.overwrite, args.resume, args.model, args.eval_only)
     check_model_path(args.model)
+    check_trainer_arguments(args, engine, profile, run_dir)
     if is_main_process():
         for note in notes:
             print(f"note: {note}")
@@ -120,6 +122,7 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     data = build_experiment_data(args.data_dir, args.smoke, args.train_samples, args.selection_samples,
                                  args.eval_sample_count(), args.seed, need_train=not args.eval_only)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
+    check_max_length(data.train, tokenizer, args.max_length)
     model = load_model(args.model, tokenizer, args.trust_remote_code, args.token).to(compute_device())
     checkpoint_budget = apply_engine_to_model(model, engine, autocast_dtype(profile))
     if checkpoint_budget and is_main_process() and not args.eval_only:
