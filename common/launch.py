@@ -52,10 +52,16 @@ def main(profile: Profile, argv: list[str] | None = None) -> int:
             if _is_main_process():
                 print(f"error: {err}", file=sys.stderr)
             return 2
-        from common.run import run  # transformers and torch: seconds
+        from common.divergence import TrainingDiverged  # transformers and torch: seconds
+        from common.run import run
 
         started = True
-        return run(profile, argv, parsed)
+        try:
+            return run(profile, argv, parsed)
+        except TrainingDiverged as err:  # metrics.json already says "failed"
+            if _is_main_process():
+                print(f"\nerror: {err}", file=sys.stderr)  # below the progress bar's unfinished line
+            return 1
     except KeyboardInterrupt:
         print("\ninterrupted" + ("" if started else " while starting: nothing was written"), file=sys.stderr)
         return 130

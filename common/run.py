@@ -23,6 +23,7 @@ from common import artifacts, distributed, hub
 from common.checkpointing import CheckpointBudget
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
+from common.divergence import StopOnNonFiniteLoss
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
 from common.evaluation import write_predictions
 from common.models import (
@@ -263,6 +264,7 @@ def train(experiment: Experiment, monitor: GpuMonitor, metrics: MetricsFile) -> 
         eval_batch_size=args.eval_batch_size,
         eval_autocast_dtype=experiment.autocast_dtype,
         on_phase=monitor.set_phase,
+        callbacks=[StopOnNonFiniteLoss()],  # the first non-finite loss ends the run (common/divergence.py)
     )
     configure_ddp_communication(trainer, engine)
     resume_from = experiment.resume_from
