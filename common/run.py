@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from common import artifacts, distributed, hub
+from common import artifacts, distributed, hub, runlock
 from common.checkpointing import CheckpointBudget
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
@@ -79,6 +79,7 @@ class Experiment:
     checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
 
 
+@runlock.released_after  # the run directory is locked from set_up until the run ends (common/runlock.py)
 def run(profile: Profile, argv: list[str] | None = None, parsed: tuple | None = None) -> int:
     """The experiment for baseline.py and modified.py (through common/launch.py, which passes the arguments it
     `parsed` from `argv`); returns the process exit code."""
@@ -110,7 +111,11 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     check_visible_gpus(user_visible_gpus)
     args.model, model_note = resolve_model_argument(args.model)
     run_dir, run_dir_note = choose_run_dir(args, profile)
+    if is_main_process():  # rank 0 holds the run directory for every rank
+        runlock.check_not_in_use(run_dir)  # one run per directory (common/runlock.py)
     resume_from = check_run_dir(run_dir, args.overwrite, args.resume, args.model, args.eval_only)
+    if is_main_process():
+        runlock.acquire(run_dir)  # held until the run ends
     check_model_path(args.model)
     check_trainer_arguments(args, engine, profile, run_dir)
     if is_main_process():

@@ -38,6 +38,7 @@ def test_the_loss_is_logged_before_every_checkpoint_and_only_then():
 def test_a_diverging_run_ends_failed_with_one_line_and_keeps_the_checkpoints_before_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # run() narrows it to one GPU; undone afterwards
     code = main(baseline.PROFILE, ["--smoke", "--output-dir", "run", "--learning-rate", "1e30", "--train-samples", "16",
                                    "--selection-samples", "8", "--eval-samples", "8", "--num-train-epochs", "2"])
     err = capsys.readouterr().err
