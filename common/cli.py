@@ -120,12 +120,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def config_file_tokens(self, path: Path) -> list[str]:
         """The file's keys and values as command-line tokens, so they are checked and converted as typed ones are."""
+        if path.is_dir():
+            self.error(f"{path}: a directory, not a config file (a JSON file of option names and values)")
         if not path.is_file():
             self.error(f"{path}: config file not found")
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             self.error(f"{path}: not valid JSON ({err})")
+        except OSError as err:
+            self.error(f"{path}: cannot read it ({err.strerror})")
         if not isinstance(values, dict):
             self.error(f"{path}: expected a JSON object of option names and values, e.g. {{\"seed\": 7}}")
         actions = {action.dest: action for action in self._actions if action.option_strings}
