@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+RUN_RECORD_SECTIONS = {"experiment", "engine", "profile"}  # the layout of a run's config.json
+REDACTED = "<redacted>"  # what config.json holds instead of an access token: never replayed as one
 TRUE_WORDS, FALSE_WORDS = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
 
 
@@ -81,6 +83,7 @@ class ArgumentParser(argparse.ArgumentParser):
         for dataclass_type in self.dataclass_types:
             add_dataclass_arguments(self, dataclass_type)
         self.source: str | None = None  # a config file the arguments being parsed came from, named in errors
+        self.profile: dict | None = None  # the script's profile, which a run's config.json must name
 
     def error(self, message: str) -> NoReturn:
         # argparse names an option by all its spellings ("argument --batch_size/--batch-size: ..."): keep the README's.
@@ -118,6 +121,21 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"unexpected value {remaining[0]!r} (every value follows its --option)")
         return tuple(parsed)
 
+    def run_record_values(self, path: Path, record: dict) -> dict:
+        """A run's config.json ({"experiment": ..., "engine": ..., "profile": ...}) as option values, so that
+        `python3 modified.py runs/modified/config.json` repeats the run: its profile must be this script's."""
+        written_by = record.get("profile")
+        if self.profile is not None and written_by is not None and written_by != self.profile:
+            name = written_by.get("name", "?")
+            if name != self.profile.get("name"):
+                self.error(f"{path}: written by a run of {name}.py (its profile section): run python3 {name}.py {path}")
+            self.error(f"{path}: its profile section differs from {self.prog}'s; the profile is what the script names "
+                       "(common/profiles.py), not an option: remove the section")
+        values = {**record.get("experiment", {}), **record.get("engine", {})}
+        # How the run was started is not the experiment: repeating it never clears or resumes a directory unasked.
+        return {key: value for key, value in values.items()
+                if key not in ("overwrite", "resume") and value != REDACTED}
+
     def config_file_tokens(self, path: Path) -> list[str]:
         """The file's keys and values as command-line tokens, so they are checked and converted as typed ones are."""
         if path.is_dir():
@@ -132,6 +150,8 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"{path}: cannot read it ({err.strerror})")
         if not isinstance(values, dict):
             self.error(f"{path}: expected a JSON object of option names and values, e.g. {{\"seed\": 7}}")
+        if RUN_RECORD_SECTIONS & set(values) and all(isinstance(v, dict) for v in values.values()):
+            values = self.run_record_values(path, values)
         actions = {action.dest: action for action in self._actions if action.option_strings}
         tokens = []
         for key, value in values.items():
@@ -154,12 +174,15 @@ def parse_command_line(
     smoke_defaults: dict | None = None,
     description: str | None = None,
     prog: str | None = None,
+    profile: dict | None = None,
 ) -> tuple:
     """One instance per dataclass, from `[CONFIG.json] [--option VALUE ...]` (the command line wins over the file).
 
     With `--smoke` (given either way) `smoke_defaults` replace the defaults; anything given explicitly still wins.
+    A run's config.json is accepted as the file when its `profile` section is `profile`.
     """
     parser = ArgumentParser(dataclass_types, description, prog)
+    parser.profile = profile
     tokens = list(sys.argv[1:] if argv is None else argv)
     if tokens and tokens[0].endswith(".json") and not tokens[0].startswith("-"):
         file_tokens = parser.config_file_tokens(Path(tokens[0]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from common.cli import parse_command_line
+from common.cli import REDACTED, parse_command_line
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B"
 EVAL_METHODS = ("loglik", "generate", "both")
@@ -266,7 +266,7 @@ SECRET_KEYS = ("token", "hub_token", "password", "secret")
 def redact(config: dict) -> dict:
     """Never write an access token to disk: a secret that was given becomes "<redacted>"; one not given stays null."""
     return {
-        k: ("<redacted>" if v is not None and any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()
+        k: (REDACTED if v is not None and any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()
     }
 
 
@@ -283,7 +283,8 @@ def parse_arguments(argv: list[str] | None = None, description: str | None = Non
     With `profile`, --help describes it and the program is named after it."""
     if profile is not None:
         description, prog = describe(profile), f"{profile.name}.py"
-    args, engine = parse_command_line((ExperimentArguments, EngineArguments), argv, SMOKE_DEFAULTS, description, prog)
+    args, engine = parse_command_line((ExperimentArguments, EngineArguments), argv, SMOKE_DEFAULTS, description, prog,
+                                      asdict(profile) if profile else None)
     args.validate()
     engine.validate()
     return args, engine

@@ -12,7 +12,15 @@ import torch
 import baseline
 import modified
 from common import profiles
-from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, redact
+from common.config import (
+    ConfigError,
+    EngineArguments,
+    ExperimentArguments,
+    Profile,
+    parse_arguments,
+    redact,
+    resolved_config,
+)
 from common.training import autocast_dtype, build_training_arguments, training_argument_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,3 +188,26 @@ def test_every_switch_that_is_on_by_default_has_an_off_flag_with_its_own_help():
         assert f"--no-{name} Turn --{name} off" in text, name
     assert parse_arguments(["--smoke", "--no-gradient-checkpointing"])[1].gradient_checkpointing is False
     assert parse_arguments(["--smoke", "--no_liger"])[1].liger is False
+
+
+def test_a_runs_config_json_repeats_it(tmp_path):
+    """`python3 modified.py runs/modified/config.json` parses to the arguments the run had (issue 26); how it was
+    started (--overwrite, --resume) and the redacted token are not replayed."""
+    typed = ["--smoke", "--seed", "7", "--learning-rate", "0.002", "--eval-samples", "all", "--no-liger",
+             "--gradient-accumulation-steps", "2", "--output-dir", "runs/x", "--overwrite", "--token", "hf_secret"]
+    args, engine = parse_arguments(typed)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(resolved_config(args, engine, profiles.MODIFIED)))
+    again, engine_again = parse_arguments([str(path)], profile=profiles.MODIFIED)
+    assert engine_again == engine
+    assert again == dataclasses.replace(args, overwrite=False, token=None)
+    assert parse_arguments([str(path), "--resume"], profile=profiles.MODIFIED)[0].resume  # flags after it still win
+
+
+def test_a_runs_config_json_is_refused_by_the_other_script(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(resolved_config(*parse_arguments(["--smoke"]), profiles.MODIFIED)))
+    with pytest.raises(SystemExit):
+        parse_arguments([str(path)], profile=profiles.BASELINE)
+    assert capsys.readouterr().err == (f"error: {path}: written by a run of modified.py (its profile section): "
+                                       f"run python3 modified.py {path}\n")

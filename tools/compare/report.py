@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tools.compare.caveats import cpu_warnings
 from tools.compare.plots import Plot, make_plots
 from tools.compare.runs import Run, engine_settings, get, load_run, unique_labels
 from tools.compare.stats import Comparison, find_comparisons
@@ -52,7 +53,7 @@ def build_report(runs: Sequence[Run], out_dir: Path) -> Report:
         [f"vs {first} (unit)", *[r.label for r in runs[1:]]], [[label, *v] for label, v in ratio_rows(runs)]
     )
     tests = markdown_table(COMPARISON_HEADER, comparison_rows(found)) if found else "No paired test could be run."
-    warnings = experiment_differences(runs) + id_mismatch_notes(found) + skipped
+    warnings = experiment_differences(runs) + cpu_warnings(runs) + id_mismatch_notes(found) + skipped
     run_notes = [f"**{r.label}**: {note}" for r in runs for note in r.notes]
     sections = [
         f"# Run comparison: {', '.join(r.label for r in runs)}",
