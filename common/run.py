@@ -220,6 +220,7 @@ def run_record(experiment: Experiment) -> dict:
         "engine": asdict(experiment.engine),
         "activation_checkpointing": experiment.checkpoint_budget.record() if experiment.checkpoint_budget else None,
         "model": experiment.args.model,
+        "eval_only": experiment.args.eval_only,  # then the one evaluation, of --model, is under accuracy.zero_shot
         "parameters": count_parameters(experiment.model),
         "environment": environment(),
         "data": {"train_examples": len(data.train), "selection_examples": len(data.selection),
