@@ -5,10 +5,23 @@ any moment, an operating-system error, a diverging loss) ends in one line, not a
 
 from __future__ import annotations
 
+import sys
+
+
+def _interrupted_in_one_line(kind, value, traceback):
+    """Ctrl-C while the modules below are still importing, before main() can catch it: one line, not a traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\ninterrupted", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, traceback)
+
+
+if sys.excepthook is sys.__excepthook__:  # first, so that it covers the imports; a debugger's hook stays
+    sys.excepthook = _interrupted_in_one_line
+
 import errno
 import os
 import signal
-import sys
 
 from common.config import ConfigError, Profile, parse_arguments
 
