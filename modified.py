@@ -7,8 +7,8 @@
 
 import sys
 
+from common.launch import main  # reads the command line before importing torch
 from common.profiles import MODIFIED as PROFILE  # common/profiles.py: the only difference from baseline.py
-from common.run import run
 
 if __name__ == "__main__":
-    sys.exit(run(PROFILE))
+    sys.exit(main(PROFILE))

@@ -11,6 +11,7 @@ GPU_LOG = "densenetsmi.txt"  # NVML samples, one row per sample and GPU: GPU_LOG
 PMON_LOG = "pmon.txt"  # `nvidia-smi pmon` output, with --pmon
 FINAL_MODEL = "final_model"  # the model and tokenizer at the end (save_pretrained)
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint-<step> folders
+LOCK = "run.lock"  # while a run uses the directory: its process id (common/runlock.py); left behind only by a kill
 
 PHASES = ("zero_shot", "fine_tuned")  # the two reported evaluations
 

@@ -7,9 +7,10 @@ management and pinned memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
-from common.cli import parse_command_line
+from common.cli import REDACTED, parse_command_line
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B"
 EVAL_METHODS = ("loglik", "generate", "both")
@@ -138,8 +139,8 @@ class EngineArguments:
             raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.loss == "liger-fused" and not self.liger:
             raise ConfigError("--loss liger-fused is Liger's kernel: it needs --liger (drop --no-liger or pick another --loss)")
-        if self.activation_budget_gib < 0:
-            raise ConfigError(f"--activation-budget-gib must be 0 or more, got {self.activation_budget_gib}")
+        if not self.activation_budget_gib >= 0 or math.isinf(self.activation_budget_gib):  # `not >=`: NaN too
+            raise ConfigError(f"--activation-budget-gib must be 0 or more and finite, got {self.activation_budget_gib}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ConfigError(f"--pad-to-multiple-of must be at least 1, got {self.pad_to_multiple_of}")
         if self.gpu_memory_gib is not None and not 0 < self.gpu_memory_gib < float("inf"):
@@ -244,8 +245,10 @@ class ExperimentArguments:
             "--selection-samples": self.selection_samples,
         }
         for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name} must be greater than 0, got {value}")
+            if not value > 0 or math.isinf(value):  # `not >`: NaN compares false with everything
+                raise ConfigError(f"{name} must be greater than 0 and finite, got {value}")
+        if not self.weight_decay >= 0 or math.isinf(self.weight_decay):
+            raise ConfigError(f"--weight-decay must be 0 or more and finite, got {self.weight_decay}")
         if self.train_samples is not None and self.train_samples <= 0:
             raise ConfigError(f"--train-samples must be greater than 0, got {self.train_samples}")
         count = self.eval_sample_count()
@@ -283,14 +286,25 @@ SECRET_KEYS = ("token", "hub_token", "password", "secret")
 def redact(config: dict) -> dict:
     """Never write an access token to disk: a secret that was given becomes "<redacted>"; one not given stays null."""
     return {
-        k: ("<redacted>" if v is not None and any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()
+        k: (REDACTED if v is not None and any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in config.items()
     }
 
 
-def parse_arguments(argv: list[str] | None = None, description: str | None = None,
-                    prog: str | None = None) -> tuple[ExperimentArguments, EngineArguments]:
-    """`[CONFIG.json] [--option VALUE ...]`; a mistake is one `error:` line and exit 2, a bad value a ConfigError."""
-    args, engine = parse_command_line((ExperimentArguments, EngineArguments), argv, SMOKE_DEFAULTS, description, prog)
+def describe(profile: Profile) -> str:
+    """--help's first lines: which profile this script runs."""
+    settings = ", ".join(f"{name}={value}" for name, value in asdict(profile).items() if name != "name")
+    return (f"Fine-tune on PIQA with the '{profile.name}' profile ({settings}). Every option below is the same "
+            "in baseline.py and modified.py.")
+
+
+def parse_arguments(argv: list[str] | None = None, description: str | None = None, prog: str | None = None,
+                    profile: Profile | None = None) -> tuple[ExperimentArguments, EngineArguments]:
+    """`[CONFIG.json] [--option VALUE ...]`; a mistake is one `error:` line and exit 2, a bad value a ConfigError.
+    With `profile`, --help describes it and the program is named after it."""
+    if profile is not None:
+        description, prog = describe(profile), f"{profile.name}.py"
+    args, engine = parse_command_line((ExperimentArguments, EngineArguments), argv, SMOKE_DEFAULTS, description, prog,
+                                      asdict(profile) if profile else None)
     args.validate()
     engine.validate()
     return args, engine

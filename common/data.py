@@ -38,6 +38,15 @@ class PiqaExample:
         return self.sol2 if self.label == 1 else self.sol1
 
 
+def decode_line(raw: bytes, path: Path, line_no: int) -> str:
+    """A line of a data file as UTF-8 text; one that is not is a DataError naming the file, line and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
 def read_release_split(data_dir: Path, split: str) -> list[PiqaExample]:
     """Read `<split>.jsonl` + `<split>-labels.lst` (PIQA's release layout), validating every line."""
     examples_name, labels_name = SPLIT_FILES[split]
@@ -47,8 +56,9 @@ def read_release_split(data_dir: Path, split: str) -> list[PiqaExample]:
             raise DataError(f"{path}: file not found (a PIQA data dir holds {examples_name} and {labels_name})")
 
     records = []
-    with examples_path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with examples_path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_line(raw, examples_path, line_no)
             if not line.strip():
                 continue
             try:
@@ -63,8 +73,9 @@ def read_release_split(data_dir: Path, split: str) -> list[PiqaExample]:
             records.append((line_no, record))
 
     labels = []
-    with labels_path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with labels_path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_line(raw, labels_path, line_no)
             if not line.strip():
                 continue
             if line.strip() not in ("0", "1"):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from common import artifacts, hub
 from common.llama3_tokenizer import MissingLlama3Tokenizer, llama3_tokenizer
+from common.gguf_check import gguf_problem
 
 SMOKE_MODEL = "smoke"  # --model value (and what --smoke selects): tiny random Llama, byte-level tokenizer
 LLAMA_3_2_1B_RANDOM = "llama-3.2-1b-random"  # --model value: Llama-3.2-1B's shapes, random weights, Llama 3's tokenizer
@@ -156,6 +157,8 @@ def check_model_path(model: str) -> None:
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelLoadError(f"--model {model}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        if problem := gguf_problem(path):
+            raise ModelLoadError(f"--model {model}: {problem}")
     elif path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"--model {model}: the directory holds no model (no config.json)")
 

@@ -81,10 +81,12 @@ def summary_table(metrics: dict) -> str:
     add("train loss, mean over the run", train.get("mean_loss", train.get("final_loss")), "{:.4f}")
     add("train loss, last logged step", (train.get("loss_per_step") or [{}])[-1].get("loss"), "{:.4f}")
     for phase in ("zero_shot", "fine_tuned"):
+        # An --eval-only run evaluates --model as given (recorded under zero_shot): name it, not a phase it lacks.
+        what = f"{metrics.get('model')} (eval-only)" if metrics.get("eval_only") else phase
         for method, result in accuracy.get(phase, {}).items():
-            add(f"{phase} {method} acc (%)", result.get("acc_pct"), "{:.2f}")
-            add(f"{phase} {method} acc_norm (%)", result.get("acc_norm_pct"), "{:.2f}")
-            add(f"{phase} {method} parse failures (%)", result.get("parse_failure_pct"), "{:.2f}")
+            add(f"{what} {method} acc (%)", result.get("acc_pct"), "{:.2f}")
+            add(f"{what} {method} acc_norm (%)", result.get("acc_norm_pct"), "{:.2f}")
+            add(f"{what} {method} parse failures (%)", result.get("parse_failure_pct"), "{:.2f}")
     add("accuracy change (points, loglik acc)", accuracy.get("change_acc_pts"), "{:+.2f}")
     add("reported examples", accuracy.get("n_examples"))
     for phase, peaks in (memory.get("torch") or {}).items():

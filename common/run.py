@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from common import artifacts, distributed, hub
+from common import artifacts, distributed, hub, runlock
 from common.checkpointing import CheckpointBudget
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
+from common.divergence import StopOnNonFiniteLoss
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
 from common.evaluation import write_predictions
 from common.memory_plan import MemoryPlan, fit_to_gpu, planned_engine
@@ -36,6 +37,7 @@ from common.models import (
 )
 from common.monitor import GpuMonitor, format_summary, torch_peak_memory
 from common.phases import PhaseTimes, StartupClock
+from common.preflight import check_max_length, check_trainer_arguments
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib, first_free_dir
 from common.training import (
@@ -83,13 +85,15 @@ class Experiment:
     checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
 
 
-def run(profile: Profile, argv: list[str] | None = None) -> int:
-    """Entry point of baseline.py and modified.py; returns the process exit code."""
+@runlock.released_after  # the run directory is locked from set_up until the run ends (common/runlock.py)
+def run(profile: Profile, argv: list[str] | None = None, parsed: tuple | None = None) -> int:
+    """The experiment for baseline.py and modified.py (through common/launch.py, which passes the arguments it
+    `parsed` from `argv`); returns the process exit code."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     # Ctrl-C must stop the run cleanly even when a parent shell started it with SIGINT ignored (`cmd &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        experiment = set_up(profile, argv)
+        experiment = set_up(profile, argv, parsed)
     except USER_ERRORS as err:
         if is_main_process():
             print(f"error: {err}", file=sys.stderr)
@@ -100,13 +104,13 @@ def run(profile: Profile, argv: list[str] | None = None) -> int:
     return carry_out(experiment)
 
 
-def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
+def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None) -> Experiment:
     """Every input checked, data and model loaded; only then is the run directory cleared and config.json written."""
     clock = StartupClock()  # from here; before it: the interpreter, the imports
     user_visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     if note := one_gpu_unless_distributed():
         print(note)
-    args, engine = parse_arguments(argv, description=describe(profile), prog=f"{profile.name}.py")
+    args, engine = parsed or parse_arguments(argv, profile=profile)
     configure_allocator(engine)  # before anything starts CUDA
     distributed.init()
     args.micro_batch_size(engine, world_size())
@@ -114,8 +118,13 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
     check_visible_gpus(user_visible_gpus)
     args.model, model_note = resolve_model_argument(args.model)
     run_dir, run_dir_note = choose_run_dir(args, profile)
+    if is_main_process():  # rank 0 holds the run directory for every rank
+        runlock.check_not_in_use(run_dir)  # one run per directory (common/runlock.py)
     resume_from = check_run_dir(run_dir, args.overwrite, args.resume, args.model, args.eval_only)
+    if is_main_process():
+        runlock.acquire(run_dir)  # held until the run ends
     check_model_path(args.model)
+    check_trainer_arguments(args, engine, profile, run_dir)
     if is_main_process():
         for note in notes:
             print(f"note: {note}")
@@ -128,6 +137,7 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
                                  args.eval_sample_count(), args.seed, need_train=not args.eval_only)
     clock.lap("data")
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
+    check_max_length(data.train, tokenizer, args.max_length)
     clock.lap("tokenizer")
     model = load_model(args.model, tokenizer, args.trust_remote_code, args.token, device=compute_device())
     clock.lap("model")
@@ -157,13 +167,6 @@ def set_up(profile: Profile, argv: list[str] | None) -> Experiment:
     clock.lap("disk_check_and_config")
     return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
                       disk_estimate, features, truncated, memory_plan, clock.laps_s, checkpoint_budget)
-
-
-def describe(profile: Profile) -> str:
-    """--help's first lines: which profile this script runs."""
-    settings = ", ".join(f"{name}={value}" for name, value in asdict(profile).items() if name != "name")
-    return (f"Fine-tune on PIQA with the '{profile.name}' profile ({settings}). Every option below is the same "
-            "in baseline.py and modified.py.")
 
 
 def choose_run_dir(args, profile: Profile) -> tuple[Path, str | None]:
@@ -244,6 +247,7 @@ def run_record(experiment: Experiment) -> dict:
         "activation_checkpointing": experiment.checkpoint_budget.record() if experiment.checkpoint_budget else None,
         "memory_plan": experiment.memory_plan.record() if experiment.memory_plan else None,
         "model": experiment.args.model,
+        "eval_only": experiment.args.eval_only,  # then the one evaluation, of --model, is under accuracy.zero_shot
         "parameters": count_parameters(experiment.model),
         "environment": environment(),
         "data": {"train_examples": len(data.train), "selection_examples": len(data.selection),
@@ -302,6 +306,7 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
         eval_options=eval_memory(experiment),
         phases=phases,
         background_checkpoints=engine.background_checkpoints,
+        callbacks=[StopOnNonFiniteLoss()],  # the first non-finite loss ends the run (common/divergence.py)
     )
     configure_ddp_communication(trainer, engine)
     resume_from = experiment.resume_from

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def check_run_dir(
         return None
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: exists and is not a directory: {elsewhere}.")
-    if not any(run_dir.iterdir()):
+    if not any(p.name != artifacts.LOCK for p in run_dir.iterdir()):  # empty, or just locked by this run
         if resume:
             raise RunDirError(f"{run_dir}: --resume given but the directory is empty: leave out --resume")
         return None
@@ -104,9 +105,28 @@ def first_free_dir(base: Path) -> Path:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: remove the old run's contents (called only once every input has been checked)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    """--overwrite: remove the old run's contents (called only once every input has been checked), except the lock
+    this run holds."""
+    for path in run_dir.iterdir() if run_dir.exists() else []:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.name != artifacts.LOCK:
+            path.unlink()
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be written, before anything is loaded: a file in its path, a read-only
+    file system, no permission."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "exists and is not a directory" if probe == run_dir else f"{probe} is a file, not a directory"
+        raise RunDirError(f"{run_dir}: {where}: pass --output-dir with a directory")
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        raise RunDirError(f"{run_dir}: {probe} is on a read-only file system: pass --output-dir on a writable one")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(f"{run_dir}: no permission to write in {probe}: pass --output-dir where you may write")
 
 
 def checkpoint_bytes(parameter_count: int, optim: str) -> int:
@@ -133,10 +153,15 @@ def check_disk(run_dir: Path, parameter_count: int, profile: Profile, optim: str
     free_bytes = shutil.disk_usage(probe).free
     if need_bytes > free_bytes:
         raise RunDirError(
-            f"{run_dir}: checkpoints need about {need_bytes / GIB:.1f} GiB but the file system has "
-            f"{free_bytes / GIB:.1f} GiB free. Free some space, pass --output-dir on a larger disk, or train fewer epochs."
+            f"{run_dir}: checkpoints need about {readable_size(need_bytes)} but the file system has "
+            f"{readable_size(free_bytes)} free. Free some space, pass --output-dir on a larger disk, or train fewer epochs."
         )
     return {"estimated_checkpoint_disk_gib": round(need_bytes / GIB, 2), "free_disk_gib": round(free_bytes / GIB, 1)}
+
+
+def readable_size(size_bytes: int) -> str:
+    """GiB, or MiB below one GiB (a small model's 1.2 MiB is not "0.0 GiB")."""
+    return f"{size_bytes / GIB:.1f} GiB" if size_bytes >= GIB else f"{size_bytes / 2**20:.1f} MiB"
 
 
 def directory_size_mib(path: Path) -> float:

@@ -74,6 +74,28 @@ def data_dir(valid_lines: list[str], valid_labels: list[str]) -> str:
     return str(directory)
 
 
+def undecodable_data_dir() -> str:
+    directory = data_dir([GOOD_LINE, GOOD_LINE], ["0", "1"])
+    Path(directory, "valid.jsonl").write_bytes(GOOD_LINE.encode() + b"\n" + GOOD_LINE.replace("bag", "b\xe4g").encode("latin-1"))
+    return directory
+
+
+def truncated_gguf() -> str:
+    """A real GGUF file (one 256 x 64 fp32 tensor) cut 1,000 bytes short, as an interrupted download leaves it."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter("whole.gguf", "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((256, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = Path("whole.gguf").read_bytes()
+    write("model.gguf", whole[:-1000])
+    return "model.gguf"
+
+
 def config_file(content: str) -> str:
     Path("config.json").write_text(content)
     return "config.json"
@@ -91,6 +113,8 @@ BAD_INPUTS = {
     "label count": (lambda: ["--smoke", "--data-dir", data_dir([GOOD_LINE, GOOD_LINE], ["0"])], "1 labels for 2 examples"),
     "empty split": (lambda: ["--smoke", "--data-dir", data_dir([], [])], "the validation split is empty"),
     "missing data file": (lambda: ["--smoke", "--data-dir", "empty"], "valid.jsonl: file not found"),
+    "undecodable data file": (lambda: ["--smoke", "--data-dir", undecodable_data_dir()],
+                              "valid.jsonl:2: not UTF-8 text (byte 0xe4 at column 53)"),
     "too many samples": (lambda: ["--smoke", "--eval-samples", "5000"], "asked for 5000 examples but only 40 exist"),
     # models
     "no such model": (lambda: ["--smoke", "--model", "./nowhere"], "no such file or directory"),
@@ -98,6 +122,8 @@ BAD_INPUTS = {
                                      "--model runs/basline/final_model: no such file or directory (runs/basline does"),
     "dir without model": (lambda: ["--smoke", "--model", "empty"], "the directory holds no model (no config.json)"),
     "run dir without final_model": (lambda: ["--smoke", "--model", INTERRUPTED], "a run directory without final_model/ (the run did not finish); it holds no checkpoint"),
+    "truncated gguf": (lambda: ["--smoke", "--model", truncated_gguf()],
+                       "--model model.gguf: truncated or corrupt GGUF file ("),
     "not a gguf": (lambda: ["--smoke", "--model", str(write("fake.gguf", b"not gguf"))], "not a GGUF file"),
     "hub offline": (lambda: ["--smoke", "--model", "nobody-15/no-such-model"],
                     ("not in the local cache, and HF_HUB_OFFLINE=1 keeps the Hugging Face Hub off. To run offline, "
@@ -111,6 +137,21 @@ BAD_INPUTS = {
     "unknown eval method": (lambda: ["--smoke", "--eval-method", "vibes"], "--eval-method must be one of"),
     "batch not divisible": (lambda: ["--smoke", "--batch-size", "6", "--gradient-accumulation-steps", "4"],
                             "not divisible by gradient accumulation 4"),
+    # values the Trainer sees: refused before --overwrite clears anything (issue 26)
+    "learning rate nan": (lambda: ["--smoke", "--learning-rate", "nan"], "--learning-rate must be greater than 0 and finite"),
+    "learning rate inf": (lambda: ["--smoke", "--learning-rate", "inf"], "--learning-rate must be greater than 0 and finite"),
+    "epochs nan": (lambda: ["--smoke", "--num-train-epochs", "nan"], "--num-train-epochs must be greater than 0 and finite"),
+    "negative weight decay": (lambda: ["--smoke", "--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+    "activation budget nan": (lambda: ["--smoke", "--activation-budget-gib", "nan"], "--activation-budget-gib must be 0"),
+    "unknown optimizer": (lambda: ["--smoke", "--optim", "bogus"], "--optim 'bogus' is not one of the Trainer's choices"),
+    "mistyped optimizer": (lambda: ["--smoke", "--optim", "adamw_torch_fusd"], "(did you mean 'adamw_torch_fused'?)"),
+    "unknown scheduler": (lambda: ["--smoke", "--lr-scheduler-type", "bogus"],
+                          "--lr-scheduler-type 'bogus' is not one of the Trainer's choices"),
+    "optimizer package missing": (lambda: ["--smoke", "--optim", "adamw_anyprecision"],  # torchdistx: unmaintained
+                                  "the Trainer refuses these arguments: Please install https://github.com/pytorch/torchdistx"),
+    "max length cuts every answer": (lambda: ["--smoke", "--max-length", "1"],
+                                     "--max-length 1 cuts the whole answer off 64 of 64 training examples"),
+    "max length cuts some answers": (lambda: ["--smoke", "--max-length", "40"], "training examples (their prompts take up"),
     "engine value out of range": (lambda: ["--smoke", "--gradient-accumulation-steps", "0"],
                                   "--gradient-accumulation-steps must be at least 1"),
     "mistyped engine flag": (lambda: ["--smoke", "--no-ligr"], "unknown option --no-ligr"),
@@ -128,6 +169,7 @@ BAD_INPUTS = {
     "config file unknown key": (lambda: [config_file('{"smoke": true, "batchsize": 8}'), "--seed", "1"],
                                 "config.json: unknown key 'batchsize' (did you mean 'batch_size'?)"),
     "config file bad value": (lambda: [config_file('{"smoke": true, "seed": "abc"}')], "config.json: --seed: invalid int"),
+    "config file is a directory": (lambda: [str(mkdir("x.json")), "--smoke"], "x.json: a directory, not a config file"),
     "config file not first": (lambda: ["--smoke", config_file('{"seed": 1}')], "a JSON config file must come first"),
     # run directories
     "finished run, no flag": (lambda: ["--smoke", "--output-dir", FINISHED], "holds a finished run: pass --output-dir"),
@@ -146,11 +188,18 @@ BAD_INPUTS = {
                                      "stopped before its first checkpoint (nothing to resume). Pass --overwrite"),
     "overwrite a folder that is no run": (lambda: ["--smoke", "--output-dir", "notarun", "--overwrite"],
                                           "holds no run (no metrics.json, config.json or checkpoint-*)"),
+    "output dir under a file": (lambda: ["--smoke", "--output-dir", f"{write('notes.txt', b'notes')}/sub"],
+                                "notes.txt/sub: notes.txt is a file, not a directory"),
     "resume a run that does not exist": (lambda: ["--smoke", "--output-dir", "runs/new", "--resume"],
                                          "does not exist: leave out --resume"),
 }
 # Cases that name no run directory of their own also pass `--output-dir runs/baseline --overwrite`.
 NAMES_ITS_RUN_DIR = {"--output-dir", "--resume"}
+
+
+def mkdir(name: str) -> Path:
+    Path(name).mkdir()
+    return Path(name)
 
 
 def write(name: str, content: bytes) -> Path:

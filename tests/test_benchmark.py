@@ -230,3 +230,13 @@ def test_benchmark_fsdp_launches_with_the_repository_config_and_reports_the_engi
     assert "error" not in row, row.get("error")
     assert (row["world_size"], row["parallelism"], row["micro_batch_size"]) == (2, "DDP", 4)
     assert "--fsdp shards over several GPUs" in run_tiny_benchmark(out, "--fsdp").stderr
+
+
+def test_without_a_gpu_the_default_model_is_refused_in_one_line_naming_smoke(capsys):
+    from tools.benchmark.__main__ import gpu_present, main
+
+    if gpu_present():
+        pytest.skip("a GPU is here")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no GPU here") and err.count("\n") == 1 and "--model smoke" in err

@@ -12,7 +12,15 @@ import torch
 import baseline
 import modified
 from common import profiles
-from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, redact
+from common.config import (
+    ConfigError,
+    EngineArguments,
+    ExperimentArguments,
+    Profile,
+    parse_arguments,
+    redact,
+    resolved_config,
+)
 from common.training import autocast_dtype, build_training_arguments, training_argument_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,3 +163,51 @@ def test_batch_must_split_into_micro_batches():
 def test_secrets_are_redacted_and_absent_ones_stay_null():
     assert redact({"hub_token": "hf_abc", "seed": 1}) == {"hub_token": "<redacted>", "seed": 1}
     assert redact({"token": None}) == {"token": None}
+
+
+def test_help_answers_before_torch_and_transformers_are_imported():
+    """`--help` and a mistyped option are read before the seconds-long imports (issue 26: --help within 2 s)."""
+    code = ("import sys, time\nstarted = time.perf_counter()\nimport modified\n"
+            "for argv in (['--help'], ['--batchsize', '8']):\n"
+            "    try:\n        modified.main(modified.PROFILE, argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)), time.perf_counter() - started)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    imported, took_s = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert imported == "[]", done.stdout
+    assert float(took_s) < 2.0
+
+
+def test_every_switch_that_is_on_by_default_has_an_off_flag_with_its_own_help():
+    out = subprocess.run([sys.executable, "baseline.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         check=False).stdout
+    text = " ".join(out.split())
+    on_by_default = [f.name.replace("_", "-") for f in dataclasses.fields(EngineArguments) if f.default is True]
+    assert on_by_default
+    for name in on_by_default:
+        assert f"--no-{name} Turn --{name} off" in text, name
+    assert parse_arguments(["--smoke", "--no-gradient-checkpointing"])[1].gradient_checkpointing is False
+    assert parse_arguments(["--smoke", "--no_liger"])[1].liger is False
+
+
+def test_a_runs_config_json_repeats_it(tmp_path):
+    """`python3 modified.py runs/modified/config.json` parses to the arguments the run had (issue 26); how it was
+    started (--overwrite, --resume) and the redacted token are not replayed."""
+    typed = ["--smoke", "--seed", "7", "--learning-rate", "0.002", "--eval-samples", "all", "--no-liger",
+             "--gradient-accumulation-steps", "2", "--output-dir", "runs/x", "--overwrite", "--token", "hf_secret"]
+    args, engine = parse_arguments(typed)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(resolved_config(args, engine, profiles.MODIFIED)))
+    again, engine_again = parse_arguments([str(path)], profile=profiles.MODIFIED)
+    assert engine_again == engine
+    assert again == dataclasses.replace(args, overwrite=False, token=None)
+    assert parse_arguments([str(path), "--resume"], profile=profiles.MODIFIED)[0].resume  # flags after it still win
+
+
+def test_a_runs_config_json_is_refused_by_the_other_script(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(resolved_config(*parse_arguments(["--smoke"]), profiles.MODIFIED)))
+    with pytest.raises(SystemExit):
+        parse_arguments([str(path)], profile=profiles.BASELINE)
+    assert capsys.readouterr().err == (f"error: {path}: written by a run of modified.py (its profile section): "
+                                       f"run python3 modified.py {path}\n")

@@ -70,6 +70,7 @@ def test_every_script_command_parses(words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for word in words[2:]:
         if word.endswith(".json"):
+            Path(word).parent.mkdir(parents=True, exist_ok=True)
             Path(word).write_text(json.dumps({"seed": 42}))  # the README's example config file
     args = parse_arguments(words[2:])
     assert args is not None

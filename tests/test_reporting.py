@@ -1,4 +1,5 @@
-"""The console summary table: where the run's time went, and both training throughputs with what they measure."""
+"""The console summary table: where the run's time went, both training throughputs with what they measure, and what
+an eval-only run evaluated."""
 
 from __future__ import annotations
 
@@ -61,3 +62,18 @@ def test_a_phase_unknown_to_this_code_still_shows() -> None:
     timing = {"wall_s": 10.0, "phases_s": {"startup": 4.0, "compile": 6.0}}
     table = summary_table({"timing": timing})
     assert value(table, "compile") == "6.0  (60.0%)"
+ACCURACY = {"loglik": {"acc_pct": 55.0, "acc_norm_pct": 50.0}}
+
+
+def test_an_eval_only_summary_names_the_evaluated_model_not_a_zero_shot_phase():
+    table = summary_table({"model": "runs/modified/final_model", "eval_only": True,
+                           "accuracy": {"zero_shot": ACCURACY, "n_examples": 40}})
+    line = next(line for line in table.splitlines() if "loglik acc (%)" in line)
+    assert line.split() == ["runs/modified/final_model", "(eval-only)", "loglik", "acc", "(%)", "55.00"]
+    assert "zero_shot" not in table
+
+
+def test_a_training_run_summary_keeps_both_phases():
+    table = summary_table({"model": "smoke", "eval_only": False,
+                           "accuracy": {"zero_shot": ACCURACY, "fine_tuned": ACCURACY}})
+    assert "zero_shot loglik acc (%)" in table and "fine_tuned loglik acc (%)" in table

@@ -83,6 +83,22 @@ def check_options(parser: argparse.ArgumentParser, options: argparse.Namespace) 
         parser.error("--measure-lengths needs --data-dir")
 
 
+def gpu_present() -> bool:
+    """Whether NVML sees a GPU; asked without starting CUDA here, since the configurations are forked from this process."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except (ImportError, OSError):
+        return False
+    except pynvml.NVMLError:  # no driver: no GPU this machine can use
+        return False
+    try:
+        return pynvml.nvmlDeviceGetCount() > 0
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def write_measured_lengths(options: argparse.Namespace) -> int:
     result = measure_lengths(options.tokenizer, options.data_dir)
     LENGTHS_PATH.write_text(json.dumps(result, indent=1) + "\n")
@@ -194,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     every = configurations(options.batch_size, options.nproc)
     if options.list:
         return print_configurations(every)
+    if options.model == BENCHMARK_MODEL and not gpu_present():
+        print(f"error: no GPU here, and the default --model {BENCHMARK_MODEL} (1.24 B parameters, {len(every)} "
+              "configurations) would take hours on a CPU: pass --model smoke to try the benchmark on a CPU",
+              file=sys.stderr)
+        return 2
     chosen = choose(parser, options, every)
 
     from common.distributed import one_gpu_unless_distributed

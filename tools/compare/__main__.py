@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from tools.compare.caveats import same_run_warnings
 from tools.compare.report import write_report
 from tools.compare.runs import NotARunError
 
@@ -22,6 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give at least two run directories, e.g. runs/baseline runs/modified")
+    for warning in same_run_warnings(args.runs):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file, and --out takes the directory that compare.md and the plots go "
+              f"into: pass --out {args.out.parent} or the name of a new directory", file=sys.stderr)
+        return 2
     try:
         report = write_report(args.runs, args.out)
     except NotARunError as err:

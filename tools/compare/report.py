@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tools.compare.caveats import cpu_warnings
 from tools.compare.plots import TIME_PLOT, Plot, make_plots
 from tools.compare.runs import Run, engine_settings, get, load_run, time_phases, unique_labels
 from tools.compare.stats import Comparison, find_comparisons
@@ -62,7 +63,7 @@ def build_report(runs: Sequence[Run], out_dir: Path) -> Report:
     times = markdown_table(time_header(runs), time_rows(runs))
     time_plot = next((p for p in plots if p.file == TIME_PLOT), None)  # None: no run records its phases
     tests = markdown_table(COMPARISON_HEADER, comparison_rows(found)) if found else "No paired test could be run."
-    warnings = experiment_differences(runs) + id_mismatch_notes(found) + skipped
+    warnings = experiment_differences(runs) + cpu_warnings(runs) + id_mismatch_notes(found) + skipped
     run_notes = [f"**{r.label}**: {note}" for r in runs for note in r.notes]
     sections = [
         f"# Run comparison: {', '.join(r.label for r in runs)}",

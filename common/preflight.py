@@ -1,0 +1,53 @@
+"""What the Trainer will be given, checked before the run directory is touched: a value it would refuse only once
+training starts (after --overwrite has cleared the old run) is a ConfigError here instead."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from transformers import Trainer
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
+
+from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
+from common.data import PiqaExample
+from common.prompts import encode_pairs, format_context, format_continuation
+from common.training import build_training_arguments
+
+
+def check_choice(option: str, value: str, choices: list[str]) -> None:
+    if value in choices:
+        return
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(choices)}"
+    raise ConfigError(f"{option} {value!r} is not one of the Trainer's choices ({hint})")
+
+
+def check_trainer_arguments(args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: Path) -> None:
+    """The TrainingArguments and the optimizer class built now, as training will build them."""
+    check_choice("--optim", engine.optim, [o.value for o in OptimizerNames])
+    check_choice("--lr-scheduler-type", args.lr_scheduler_type, [s.value for s in SchedulerType])
+    try:
+        training_args = build_training_arguments(args, engine, profile, str(run_dir))
+        Trainer.get_optimizer_cls_and_kwargs(training_args)  # a missing package (bitsandbytes, ...) shows here
+    except (ValueError, ImportError) as err:
+        raise ConfigError(f"the Trainer refuses these arguments: {str(err).strip().splitlines()[0]}") from err
+
+
+def check_max_length(examples: list[PiqaExample], tokenizer, max_length: int) -> None:
+    """Refuse a --max-length that cuts the whole answer off a training example: the loss is on the answer tokens
+    only, so such an example teaches nothing, and a batch of them has a loss of 0/0 (NaN)."""
+    if not examples:  # --eval-only
+        return
+    pairs = [(format_context(e.goal), format_continuation(e.correct_solution)) for e in examples]
+    encoded = encode_pairs(tokenizer, pairs)
+    answerless = sum(len(context) >= max_length for context, _ in encoded)
+    if answerless:
+        longest_prompt = max(len(context) for context, _ in encoded)
+        whole = max(len(context) + len(answer) for context, answer in encoded) + 1  # + EOS
+        raise ConfigError(
+            f"--max-length {max_length} cuts the whole answer off {answerless} of {len(examples)} training examples "
+            f"(their prompts take up to {longest_prompt} tokens), leaving nothing to learn from them: pass "
+            f"--max-length {longest_prompt + 1} or more ({whole} keeps every example whole)"
+        )
