@@ -73,9 +73,9 @@ def main(profile: Profile, argv: list[str] | None = None) -> int:
             if _is_main_process():
                 print(f"error: {err}", file=sys.stderr)
             return 2
-        from common.divergence import TrainingDiverged  # transformers and torch: seconds
         import torch
 
+        from common.divergence import TrainingDiverged  # transformers and torch: seconds
         from common.run import run
 
         started = True

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common import artifacts, hub
-from common.llama3_tokenizer import MissingLlama3Tokenizer, llama3_tokenizer
 from common.gguf_check import gguf_problem
+from common.llama3_tokenizer import MissingLlama3Tokenizer, llama3_tokenizer
 
 SMOKE_MODEL = "smoke"  # --model value (and what --smoke selects): tiny random Llama, byte-level tokenizer
 LLAMA_3_2_1B_RANDOM = "llama-3.2-1b-random"  # --model value: Llama-3.2-1B's shapes, random weights, Llama 3's tokenizer

@@ -22,8 +22,8 @@ from common import artifacts, distributed, hub, runlock
 from common.checkpointing import CheckpointBudget
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
-from common.divergence import StopOnNonFiniteLoss
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
+from common.divergence import StopOnNonFiniteLoss
 from common.evaluation import write_predictions
 from common.memory_plan import MemoryPlan, fit_to_gpu, planned_engine
 from common.models import (
