@@ -131,7 +131,8 @@ class CheckpointWriter:
             optimizer_writer = None
             if pending.optimizer_state is not None:  # the two large files at once: each is mostly CPU-bound
                 optimizer_writer = _Thread(torch.save, pending.optimizer_state, pending.staging / OPTIMIZER_FILE)
-            self.model.save_pretrained(str(pending.staging), state_dict=pending.model_state)
+            # A copy of the dict each time: save_pretrained empties the one it is given as it writes.
+            self.model.save_pretrained(str(pending.staging), state_dict=dict(pending.model_state))
             if optimizer_writer is not None:
                 optimizer_writer.join()
             self._ready.wait()
@@ -147,7 +148,7 @@ class CheckpointWriter:
                         pending.closed = True
                         break
                     directory = pending.also_weights_to.pop(0)
-                self.model.save_pretrained(str(directory), state_dict=pending.model_state)
+                self.model.save_pretrained(str(directory), state_dict=dict(pending.model_state))
         except BaseException as err:  # noqa: BLE001 - handed to the training thread at its next save or wait
             self._error = err
             pending.closed = True

@@ -98,3 +98,21 @@ def test_final_model_is_the_best_checkpoint_with_its_projection_tied(smoke_runs)
         assert torch.equal(final[name], checkpoint[name]), name
     model = AutoModelForCausalLM.from_pretrained(run_dir / artifacts.FINAL_MODEL)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_the_final_model_written_from_the_host_copy_holds_every_weight(tmp_path, trained):
+    """also_write_weights: the last staged weights, written again after the checkpoint (save_pretrained empties the
+    dict it is given: the second write once got none)."""
+    model, optimizer = trained
+    writer = CheckpointWriter(model, pin=False)
+    final = tmp_path / "checkpoint-2"
+    staging = writer.stage(final, model.state_dict(), optimizer.state_dict())
+    assert writer.also_write_weights(tmp_path / "final_model")
+    (staging / "trainer_state.json").write_text("{}")
+    writer.small_files_written()
+    writer.wait()
+    written = load_file(tmp_path / "final_model" / "model.safetensors")
+    assert written.keys() == load_file(final / "model.safetensors").keys()
+    for name, tensor in written.items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert not writer.also_write_weights(tmp_path / "other")  # nothing in progress to add it to
