@@ -227,10 +227,10 @@ def carry_out(experiment: Experiment) -> int:
             disk={"checkpoints_mib": checkpoints_mib, **experiment.disk_estimate},
             status=status,
         )
-        steps_s = metrics.data["timing"]["phases_s"]["train_steps"]
-        tokens = metrics.data.get("train", {}).get("session_tokens")
-        if steps_s and tokens:
-            metrics.update(timing={"train_steps_tokens_per_s": tokens / steps_s})  # without selection and saves
+        timing, tokens = metrics.data["timing"], metrics.data.get("train", {}).get("session_tokens")
+        if timing.get("train_runtime_s") and tokens:  # the Trainer's clock, less what it spent selecting and saving
+            steps_s = timing["train_runtime_s"] - timing["phases_s"]["select"] - timing["phases_s"]["checkpoint_save"]
+            metrics.update(timing={"train_steps_tokens_per_s": tokens / steps_s})
     if is_main_process():
         print(f"\n== {experiment.profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
         print(format_summary(metrics.data["memory"]["nvml"], torch_peaks))

@@ -235,7 +235,7 @@ def time_rows(runs: Sequence[Run]) -> list[list[str]]:
     add("train runtime", "the Trainer's train_runtime: training steps, selection passes and checkpoint saves",
         [get(r.metrics, "timing", "train_runtime_s") for r in runs], "{:,.1f}")
     add("training-step throughput (non-padding tokens/s)",
-        "non-padding tokens / train_steps: the training steps alone, without selection passes or saves",
+        "non-padding tokens / (train runtime - selection passes - checkpoint saves): the training steps alone",
         [get(r.metrics, "timing", "train_steps_tokens_per_s") for r in runs], "{:,.0f}", share=False)
     add("train throughput (non-padding tokens/s)",
         "non-padding tokens / train runtime: selection passes and saves included",
