@@ -277,7 +277,7 @@ def test_time_table_puts_each_phase_side_by_side_and_says_what_is_not_recorded(t
     assert table_row(section, "train runtime")[1:3] == ["366.0", "87.1%"]
     # Both throughputs, with what each measures; a rate has no share of the wall clock.
     steps = table_row(section, "training-step throughput (non-padding tokens/s)")
-    assert "without selection passes or saves" in steps[0]
+    assert "train runtime - selection passes - checkpoint saves" in steps[0]
     assert steps[1:] == ["5,438", "", "36,000", "", "n/a", "", "6.62x", "n/a"]
     assert table_row(section, "train throughput (non-padding tokens/s)")[1:] == ["4,900", "", "32,000", "", "14,892", "",
                                                                                   "6.53x", "3.04x"]

@@ -116,7 +116,6 @@ def test_logits_budget_splits_batches_without_changing_scores(model, tokenizer, 
     vocab_size = model.get_output_embeddings().weight.shape[0]
     longest_solution_tokens = max(len(tokenizer(" " + s)["input_ids"]) for e in EXAMPLES for s in (e.sol1, e.sol2))
     budget_bytes = 2 * 2 * longest_solution_tokens * vocab_size * 4  # two examples' logits at most
-    monkeypatch.setattr(evaluation, "LOGITS_BUDGET_BYTES", budget_bytes)
     calls = []
     real_score_batch = evaluation._score_batch
 
@@ -125,7 +124,7 @@ def test_logits_budget_splits_batches_without_changing_scores(model, tokenizer, 
         return real_score_batch(m, sequences, *args)
 
     monkeypatch.setattr(evaluation, "_score_batch", recording_score_batch)
-    split = score_loglik(model, tokenizer, EXAMPLES, batch_size=16)
+    split = score_loglik(model, tokenizer, EXAMPLES, batch_size=16, logits_bytes=budget_bytes)
     assert len(calls) > 1 and max(calls) <= budget_bytes
     for a, b in zip(whole, split):
         assert a == pytest.approx(b, abs=1e-4)
