@@ -63,7 +63,7 @@ def evaluate(
     progress: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     shard: tuple[int, int] | None = None,
-    logits_bytes: int = LOGITS_BUDGET_BYTES,
+    logits_bytes: int | None = None,
 ) -> EvalResult:
     """Accuracy of `model` on `examples` with one method; the model's train/eval mode is restored afterwards.
 
@@ -121,7 +121,7 @@ def score_loglik(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
-    logits_bytes: int = LOGITS_BUDGET_BYTES,
+    logits_bytes: int | None = None,
 ) -> list[tuple[float, float] | None]:
     """Summed log-probability of ` {sol1}` and ` {sol2}` given `Question: {goal}\\nAnswer:`, per example
     (None for the examples in other ranks' batches, with `shard`: see `evaluate`).
@@ -152,6 +152,7 @@ def score_loglik(
     # The class's forward: the answer-token loss's forward on the instance passes logits_to_keep on to it.
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
     vocab_size = inner.get_output_embeddings().weight.shape[0]
+    logits_bytes = LOGITS_BUDGET_BYTES if logits_bytes is None else logits_bytes  # None: the module's bound
     batches, fillers = _share(_batches_within_budget(order, sequences, batch_size, vocab_size, logits_bytes),
                               shard)
     scores: list[float | None] = [None] * len(sequences)
@@ -207,7 +208,7 @@ def _score_batch(
     device: torch.device,
     pad_id: int,
     takes_logits_to_keep: bool,
-    logits_bytes: int = LOGITS_BUDGET_BYTES,
+    logits_bytes: int | None = None,
 ) -> list[float]:
     """Summed continuation log-probs of left-padded sequences; logits only for the last `keep` positions."""
     input_ids, attention_mask = batching.left_pad([ids for ids, _ in sequences], pad_id, device)
@@ -230,6 +231,7 @@ def _score_batch(
     ).logits[:, -keep:, :]
 
     # log_softmax in float32 on a few rows at a time: the [rows x keep x vocab] float32 buffer stays bounded.
+    logits_bytes = LOGITS_BUDGET_BYTES if logits_bytes is None else logits_bytes
     chunk_bytes = min(LOG_SOFTMAX_CHUNK_BYTES, logits_bytes // 4)  # a quarter of the logits' bound, on small cards
     rows_per_chunk = max(1, chunk_bytes // (keep * logits.shape[-1] * 4))
     token_logprobs = torch.empty(targets.shape, dtype=torch.float32, device=device)
@@ -241,7 +243,7 @@ def _score_batch(
 
 
 def _evaluate_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard,
-                     logits_bytes: int = LOGITS_BUDGET_BYTES) -> EvalResult:
+                     logits_bytes: int | None = None) -> EvalResult:
     scores = score_loglik(model, tokenizer, examples, batch_size, autocast_dtype, progress, shard, logits_bytes)
     records = []
     for example, pair in zip(examples, scores):

@@ -397,15 +397,14 @@ class PiqaTrainer(Trainer):
         self._loaded_best = True
 
     def _issue_warnings_after_load(self, load_result) -> None:
-        """The best checkpoint holds a tied output projection once, under the input embeddings' name: say so in one
-        line, instead of transformers' 'missing keys' warning, once the tie is checked."""
+        """A checkpoint holds a tied output projection once, under the input embeddings' name: say so in one line,
+        instead of transformers' 'missing keys' warning (best-model load and --resume alike)."""
         tied = tied_parameter_names(self.model)
         missing = set(load_result.missing_keys)
         if missing and missing <= tied and not load_result.unexpected_keys:
             if distributed.is_main_process():
-                print(f"loaded the best checkpoint, {self.state.best_model_checkpoint} (selection accuracy "
-                      f"{self.state.best_metric:.2f} %); {', '.join(sorted(missing))} shares the input embeddings' "
-                      "weights, loaded with them")
+                print(f"checkpoint loaded; {', '.join(sorted(missing))} shares the input embeddings' weights, loaded "
+                      "with them")
             return
         super()._issue_warnings_after_load(load_result)
 
