@@ -6,7 +6,13 @@ import torch
 
 from common.checkpointing import GIB, CheckpointBudget, LayerActivations, budget_checkpointing, decoder_layers
 from common.models import load_model, load_tokenizer
-from tools.benchmark.plain_loop import enable_checkpointing
+from common.training import checkpointing_arguments
+
+
+def enable_checkpointing(model):
+    """What the Trainer calls, with the arguments a run gives it (transformers 5.2x renamed both)."""
+    (name, _), (_, kwargs) = checkpointing_arguments(True).items()
+    getattr(model, f"{name}_enable")(**{f"{name}_kwargs": kwargs})
 
 
 def tiny_model():
@@ -58,7 +64,7 @@ def test_gradients_equal_those_of_checkpointing_every_layer(kept_layers):
             a, n = budget.activations, len(budget.layers)
             budget.budget_bytes = input_ids.numel() * (kept_layers * a.kept_bytes + (n - kept_layers) * a.checkpointed_bytes)
             assert budget.layers_kept(input_ids.numel()) == kept_layers
-        enable_checkpointing(model, None)  # as the Trainer enables it
+        enable_checkpointing(model)
         model(input_ids=input_ids, labels=input_ids).loss.backward()
         flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
         return {n: p.grad for n, p in model.named_parameters()}, flags
