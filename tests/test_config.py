@@ -77,6 +77,7 @@ def test_engine_defaults_are_one_micro_batch_grouped_liger_and_fused_adamw():
     assert engine.train_sampling_strategy == "group_by_length" and not engine.cudnn_attention
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned memory is off without CUDA")
 def test_precision_and_pinned_memory_reach_the_training_arguments(tmp_path):
     """From each script's profile to what the Trainer and torch are given."""
     args, engine = parse_arguments(["--smoke"])
