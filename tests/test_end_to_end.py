@@ -48,6 +48,26 @@ def test_smoke_run_writes_every_output(smoke_runs, script):
     assert any("GPU monitoring off" in line for line in header)  # CI has no GPU, and says so
 
 
+# The README's --smoke runs' loss at each optimizer step, measured here (2-core CPU, torch 2.13, transformers 5.25; the
+# same with OMP_NUM_THREADS=1). After a change meant to alter them: run `python3 baseline.py --smoke` and
+# `python3 modified.py --smoke` and copy each metrics.json's train.loss_per_step, rounded to 6 decimals.
+PINNED_LOSSES = {
+    "baseline.py": [5.601314, 5.598767, 5.393798, 5.250184, 5.136724, 5.025124, 4.962986, 4.876231,
+                    4.831101, 4.771529, 4.724734, 4.692094, 4.674147, 4.663582, 4.659592, 4.652755],
+    "modified.py": [5.601253, 5.59868, 5.393654, 5.249955, 5.136679, 5.024967, 4.963079, 4.876195,
+                    4.831069, 4.771467, 4.724697, 4.692018, 4.674174, 4.663501, 4.659667, 4.652714],
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned on a CPU: a GPU's kernels round differently")
+@pytest.mark.parametrize("script", ["baseline.py", "modified.py"])
+def test_smoke_losses_are_the_pinned_ones(smoke_runs, script):
+    """A changed step (its loss, gradients, optimizer, schedule, batches or precision) moves these losses."""
+    metrics = json.loads((smoke_runs[script] / "metrics.json").read_text())
+    losses = [step["loss"] for step in metrics["train"]["loss_per_step"]]
+    assert losses == pytest.approx(PINNED_LOSSES[script], abs=1e-4)
+
+
 def test_both_runs_share_the_experiment(smoke_runs):
     a, b = (json.loads((smoke_runs[s] / "config.json").read_text()) for s in ("baseline.py", "modified.py"))
     for config in (a, b):
