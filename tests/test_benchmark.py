@@ -61,7 +61,7 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
 
 
 def test_plain_loop_row_trains_the_same_batches_as_its_trainer_twin(tmp_path):
-    """Issue 16's reference row: modified's workload in a plain PyTorch loop, beside the Trainer's, in one call."""
+    """The reference row: modified's workload in a plain PyTorch loop, beside the Trainer's, in one call."""
     out = tmp_path / "rows.json"
     done = run_tiny_benchmark(out, "--configs", "modified,plain-loop/modified", "--eval-examples", "0")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -77,7 +77,7 @@ def test_plain_loop_row_trains_the_same_batches_as_its_trainer_twin(tmp_path):
     assert plain["padding_share_pct"] == trainer["padding_share_pct"] and plain["tokens_per_s"] > 0
     assert plain["applied"]["autocast"] == "bfloat16" and plain["applied"]["optimizer_fused"]  # CPU: bf16 autocast
     assert plain["final_loss"] == pytest.approx(trainer["final_loss"], rel=1e-6)  # the weights: the test below
-    assert "Trainer / plain loop, modified: " in done.stdout and "(issue 16 asks at least 0.95x)" in done.stdout
+    assert "Trainer / plain loop, modified: " in done.stdout and "(the target: at least 0.95x)" in done.stdout
     assert "| plain-loop/modified |" in done.stdout
 
 

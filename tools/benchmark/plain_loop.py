@@ -1,4 +1,4 @@
-"""Issue 16's reference row: a configuration's workload trained by a plain PyTorch loop instead of the HF Trainer.
+"""The reference row: a configuration's workload trained by a plain PyTorch loop instead of the HF Trainer.
 
 The same as train_row.py's Trainer path: model loading and the engine's set-up (usable_engine,
 apply_engine_to_model: Liger, cuDNN attention), the synthetic PIQA-length features, the PadToLongest collator,
