@@ -76,11 +76,10 @@ class EngineArguments:
     )
     loss: str = field(
         default="answer-chunks",
-        metadata={"help": "How the loss (mean cross-entropy over the answer tokens, the same in every choice) is "
-                  "computed: 'answer-chunks' projects only the answer tokens onto the vocabulary, a chunk at a time, "
-                  "and splits a batch whose rows differ much in length (common/loss.py; Llama, Mistral and Qwen2/3 "
-                  "models); 'liger-fused' Liger's fused linear "
-                  "cross-entropy over every position (needs --liger); 'full-logits' the model's own forward, every position's logits held at once."},
+        metadata={"help": "How the answer tokens' mean cross-entropy is computed (the same loss each way): "
+                  "'answer-chunks' logits at the answer tokens only, in chunks, long batches split by length (Llama, "
+                  "Mistral, Qwen2/3; common/loss.py); 'liger-fused' Liger's fused linear cross-entropy (needs "
+                  "--liger); 'full-logits' the model's own forward."},
     )
     train_sampling_strategy: str = field(
         default="group_by_length",
@@ -117,7 +116,7 @@ class EngineArguments:
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile."})
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad each batch, and each length group of --loss answer-chunks, to a multiple of "
-                                "this many tokens (fewer distinct shapes; 8 and 16 measured no faster)."}
+                                "this many tokens (fewer distinct shapes, more padding)."}
     )
     ddp_bucket_cap_mb: int | None = field(
         default=None, metadata={"help": "Under DDP: all-reduce gradients in buckets of this many MB (PyTorch: 25)."}

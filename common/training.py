@@ -122,14 +122,9 @@ def liger_kernel_config(engine: EngineArguments) -> dict[str, bool]:
 
 
 def build_training_arguments(
-    args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: str, timing_only: bool = False
+    args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: str
 ) -> TrainingArguments:
-    """`timing_only` (the benchmark): training steps alone, with no evaluation, checkpoint, log or progress bar."""
-    values = training_argument_values(args, engine, profile, run_dir, torch.cuda.is_available())
-    if timing_only:
-        values.update(eval_strategy="no", save_strategy="no", load_best_model_at_end=False, metric_for_best_model=None,
-                      greater_is_better=None, report_to=[], disable_tqdm=True, logging_first_step=False)
-    return TrainingArguments(**values)
+    return TrainingArguments(**training_argument_values(args, engine, profile, run_dir, torch.cuda.is_available()))
 
 
 def training_argument_values(

@@ -137,7 +137,7 @@ BAD_INPUTS = {
     "unknown eval method": (lambda: ["--smoke", "--eval-method", "vibes"], "--eval-method must be one of"),
     "batch not divisible": (lambda: ["--smoke", "--batch-size", "6", "--gradient-accumulation-steps", "4"],
                             "not divisible by gradient accumulation 4"),
-    # values the Trainer sees: refused before --overwrite clears anything (issue 26)
+    # values the Trainer sees: refused before --overwrite clears anything
     "learning rate nan": (lambda: ["--smoke", "--learning-rate", "nan"], "--learning-rate must be greater than 0 and finite"),
     "learning rate inf": (lambda: ["--smoke", "--learning-rate", "inf"], "--learning-rate must be greater than 0 and finite"),
     "epochs nan": (lambda: ["--smoke", "--num-train-epochs", "nan"], "--num-train-epochs must be greater than 0 and finite"),

@@ -6,7 +6,13 @@ import torch
 
 from common.checkpointing import GIB, CheckpointBudget, LayerActivations, budget_checkpointing, decoder_layers
 from common.models import load_model, load_tokenizer
-from tools.benchmark.plain_loop import enable_checkpointing
+from common.training import checkpointing_arguments
+
+
+def enable_checkpointing(model):
+    """What the Trainer calls, with the arguments a run gives it (transformers 5.2x renamed both)."""
+    (name, _), (_, kwargs) = checkpointing_arguments(True).items()
+    getattr(model, f"{name}_enable")(**{f"{name}_kwargs": kwargs})
 
 
 def tiny_model():
@@ -58,7 +64,7 @@ def test_gradients_equal_those_of_checkpointing_every_layer(kept_layers):
             a, n = budget.activations, len(budget.layers)
             budget.budget_bytes = input_ids.numel() * (kept_layers * a.kept_bytes + (n - kept_layers) * a.checkpointed_bytes)
             assert budget.layers_kept(input_ids.numel()) == kept_layers
-        enable_checkpointing(model, None)  # as the Trainer enables it
+        enable_checkpointing(model)
         model(input_ids=input_ids, labels=input_ids).loss.backward()
         flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
         return {n: p.grad for n, p in model.named_parameters()}, flags
@@ -88,3 +94,48 @@ def test_the_probe_leaves_nothing_allocated(autocast):
     before = live_tensor_ids()
     measure_layer_activations(model, autocast)
     assert live_tensor_ids() - before == set()
+
+
+@pytest.mark.parametrize("half", [None, torch.bfloat16])
+def test_the_engine_with_the_length_split_and_the_budget_has_the_models_own_gradients(half, monkeypatch):
+    """The engine as a run sets it up (answer-token loss, checkpointing within a budget), on a batch that the loss
+    splits into two decoder passes and the budget checkpoints one of two layers for: the model's own loss and
+    gradients, computed by its own forward with every activation kept."""
+    from common import loss as loss_module
+    from common.config import EngineArguments
+    from common.data import IGNORE_INDEX
+    from common.training import apply_engine_to_model
+
+    monkeypatch.setattr(loss_module, "SPLIT_COST_POSITIONS", 16)  # the smoke model's short rows: worth a split
+    monkeypatch.setattr(loss_module, "GROUP_ROWS", 2)
+    lengths = [30] * 2 + [8] * 14
+    input_ids = torch.randint(5, 200, (16, 30), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.tensor([[1] * n + [0] * (30 - n) for n in lengths])
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :4] = IGNORE_INDEX  # the context
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+              "num_items_in_batch": 2 * labels[:, 1:].ne(IGNORE_INDEX).sum()}  # half of a two-batch step
+
+    own, engine = tiny_model(), tiny_model()
+    budget = apply_engine_to_model(engine, EngineArguments(liger=False, activation_budget_gib=1.0), half)
+    enable_checkpointing(engine)
+    a, positions = budget.activations, 2 * 30 + 14 * 8  # the split's positions, not the batch's 16 x 30
+    budget.budget_bytes = positions * (a.kept_bytes + a.checkpointed_bytes)  # one layer kept, one checkpointed
+    passes = []
+    engine.get_decoder().register_forward_pre_hook(  # after the budget's hook: what each pass runs with
+        lambda module, args: passes.append([layer.gradient_checkpointing for layer in decoder_layers(engine)]))
+
+    losses = []
+    for model in (own, engine):
+        model.train()
+        with torch.autocast("cpu", dtype=half, enabled=half is not None):
+            loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert passes == [[True, False], [True, False]]  # two length groups, each with the first layer checkpointed
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5 if half is None else 1e-2)
+    for (name, p_own), p_engine in zip(own.named_parameters(), engine.parameters()):
+        if half is None:
+            torch.testing.assert_close(p_engine.grad, p_own.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        else:  # bf16's rounding differs between the shapes
+            assert torch.linalg.vector_norm(p_engine.grad - p_own.grad) <= 0.05 * torch.linalg.vector_norm(p_own.grad)

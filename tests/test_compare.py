@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from matplotlib.image import imread
 from scipy.stats import binomtest
 
@@ -27,25 +28,25 @@ from tools.compare.stats import mcnemar_exact_p, paired_difference_interval, pai
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Fewer training examples than --smoke's default: two epochs of one optimizer step keep the fixture quick.
-SMOKE_ARGS = ("--smoke", "--train-samples", "8")
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One baseline (both eval methods) and one modified run, started side by side, shared by every test."""
-    base = tmp_path_factory.mktemp("runs")
-    jobs = {
-        name: subprocess.Popen(
-            [sys.executable, f"{name}.py", *SMOKE_ARGS, "--output-dir", str(base / name), *extra],
-            cwd=ROOT, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        for name, extra in (("baseline", ["--eval-method", "both"]), ("modified", []))
-    }
-    for name, job in jobs.items():
-        _, stderr = job.communicate(timeout=600)
-        assert job.returncode == 0, f"{name}.py failed:\n{stderr[-3000:]}"
-    return base / "baseline", base / "modified"
+def runs(smoke_runs: dict[str, Path]) -> tuple[Path, Path]:
+    """The README's two --smoke runs (conftest's session fixture), baseline first."""
+    return smoke_runs["baseline.py"], smoke_runs["modified.py"]
+
+
+@pytest.fixture(scope="module")
+def both_methods_run(runs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An --eval-only run of the baseline's final model scored by both methods (evaluation only: no training)."""
+    run_dir = tmp_path_factory.mktemp("both") / "eval-both"
+    done = subprocess.run(
+        [sys.executable, "baseline.py", "--smoke", "--eval-only", "--model", str(runs[0]), "--eval-method", "both",
+         "--eval-samples", "10", "--output-dir", str(run_dir)],
+        cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
 
 
 def copy_run(run_dir: Path, to: Path) -> Path:
@@ -74,8 +75,9 @@ def table_row(markdown: str, label: str) -> list[str]:
 # ---- the report from two real runs ---------------------------------------------------------------------------
 
 
-def test_cli_report_from_two_smoke_runs(smoke_runs: tuple[Path, Path]) -> None:
-    baseline, modified = smoke_runs
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the README's runs, made on a CPU, have no GPU memory to report")
+def test_cli_report_from_two_smoke_runs(runs: tuple[Path, Path]) -> None:
+    baseline, modified = runs
     done = subprocess.run(
         [sys.executable, "-m", "tools.compare", str(baseline), str(modified)],
         cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300,
@@ -91,7 +93,7 @@ def test_cli_report_from_two_smoke_runs(smoke_runs: tuple[Path, Path]) -> None:
     assert table_row(report, "train throughput (non-padding tokens/s)")[0] == f"{metrics['timing']['train_tokens_per_s']:,.0f}"
     assert table_row(report, "status") == ["finished", "finished"]
     assert table_row(report, "setting: precision") == ["fp32", "mixed"]
-    settings = [json.loads((run / "metrics.json").read_text())["settings"] for run in smoke_runs]
+    settings = [json.loads((run / "metrics.json").read_text())["settings"] for run in runs]
     for key in settings[0].keys() - {"name"}:
         assert (f"| setting: {key} " in report) == (settings[0][key] != settings[1][key]), key  # only those that differ
     for label in (
@@ -104,9 +106,6 @@ def test_cli_report_from_two_smoke_runs(smoke_runs: tuple[Path, Path]) -> None:
         "disk saved, checkpoints (%)",
     ):
         table_row(report, label)
-    # The generate method ran in the baseline only: its rows show it, with its parse failure rate.
-    assert table_row(report, "fine-tuned generate parse failures (%)")[1] == "n/a"
-    assert table_row(report, "fine-tuned generate parse failures (%)")[0] != "n/a"
     acc = metrics["accuracy"]["fine_tuned"]["loglik"]["acc_pct"]
     assert table_row(report, "fine-tuned loglik acc (%")[0].startswith(f"{acc:.2f} [")
     # No CUDA here: memory cells say n/a, and the report says why.
@@ -116,7 +115,6 @@ def test_cli_report_from_two_smoke_runs(smoke_runs: tuple[Path, Path]) -> None:
     test_cells = table_row(report, "modified vs baseline, fine-tuned loglik acc")
     assert test_cells[0] == "40" and "%" not in test_cells[-1]
     assert any(word in test_cells[-1] for word in ("not significant at 5%", "significant at 5%", "nothing to test"))
-    assert "fine-tuned generate: modified has no predictions_fine_tuned_generate.jsonl" in report
     # Plots: written, valid, referenced relatively; the GPU plot is skipped with a note.
     for name in ("compare_train_loss.png", "compare_selection_accuracy.png"):
         assert f"]({name})" in report
@@ -125,8 +123,15 @@ def test_cli_report_from_two_smoke_runs(smoke_runs: tuple[Path, Path]) -> None:
     assert "**GPU memory used (NVML) over time**: no GPU samples in baseline, modified" in report
 
 
-def test_truncated_run_still_reports_with_notes(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
-    baseline, modified = smoke_runs
+def test_a_method_only_one_run_scored_shows_in_its_rows_and_is_not_tested(runs, both_methods_run, tmp_path):
+    md = write_report([both_methods_run, runs[0]], tmp_path / "out").markdown
+    assert table_row(md, "zero-shot generate parse failures (%)")[0] != "n/a"
+    assert table_row(md, "zero-shot generate parse failures (%)")[1] == "n/a"
+    assert "zero-shot generate: baseline has no predictions_zero_shot_generate.jsonl" in md
+
+
+def test_truncated_run_still_reports_with_notes(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    baseline, modified = runs
     broken = copy_run(modified, tmp_path / "interrupted")
     metrics = json.loads((broken / "metrics.json").read_text())
     metrics["status"] = "interrupted"
@@ -149,8 +154,8 @@ def test_truncated_run_still_reports_with_notes(smoke_runs: tuple[Path, Path], t
     assert_png(tmp_path / "out" / "compare_train_loss.png")
 
 
-def test_run_without_metrics_json(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
-    baseline, modified = smoke_runs
+def test_run_without_metrics_json(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    baseline, modified = runs
     partial = tmp_path / "killed"
     partial.mkdir()
     for name in ("config.json", "densenetsmi.txt"):
@@ -162,8 +167,8 @@ def test_run_without_metrics_json(smoke_runs: tuple[Path, Path], tmp_path: Path)
     assert table_row(report, "train runtime (s)")[1] == "n/a"
 
 
-def test_different_example_ids_are_said_and_only_common_ones_tested(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
-    baseline, modified = smoke_runs
+def test_different_example_ids_are_said_and_only_common_ones_tested(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    baseline, modified = runs
     other = copy_run(modified, tmp_path / "other")
     path = other / "predictions_zero_shot.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -174,11 +179,11 @@ def test_different_example_ids_are_said_and_only_common_ones_tested(smoke_runs: 
     assert table_row(md, "other vs baseline, zero-shot loglik acc")[0] == "35"
 
 
-def test_gpu_memory_plot_from_monitor_logs(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
-    runs = [copy_run(run, tmp_path / run.name) for run in smoke_runs]
-    write_gpu_log(runs[0] / "densenetsmi.txt", [("train", 3000.0), ("train", 5000.0), ("eval", 2000.0)])
-    write_gpu_log(runs[1] / "densenetsmi.txt", [("train", 2000.0), ("train", 2500.0), ("eval", 1500.0)])
-    report = write_report(runs, tmp_path / "out")
+def test_gpu_memory_plot_from_monitor_logs(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    copies = [copy_run(run, tmp_path / run.name) for run in runs]
+    write_gpu_log(copies[0] / "densenetsmi.txt", [("train", 3000.0), ("train", 5000.0), ("eval", 2000.0)])
+    write_gpu_log(copies[1] / "densenetsmi.txt", [("train", 2000.0), ("train", 2500.0), ("eval", 1500.0)])
+    report = write_report(copies, tmp_path / "out")
     assert_png(tmp_path / "out" / "compare_gpu_memory.png")
     md = report.markdown
     assert "](compare_gpu_memory.png)" in md
@@ -422,33 +427,33 @@ def test_paired_test_counts_and_common_ids() -> None:
 # ---- errors ----------------------------------------------------------------------------------------------------
 
 
-def test_not_a_run_is_a_one_line_error(tmp_path: Path, smoke_runs: tuple[Path, Path]) -> None:
+def test_not_a_run_is_a_one_line_error(tmp_path: Path, runs: tuple[Path, Path]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     done = subprocess.run(
-        [sys.executable, "-m", "tools.compare", str(smoke_runs[0]), str(empty)],
+        [sys.executable, "-m", "tools.compare", str(runs[0]), str(empty)],
         cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith(f"error: {empty}: not a run directory")
-    assert main([str(smoke_runs[0]), str(tmp_path / "nowhere")]) == 2
+    assert main([str(runs[0]), str(tmp_path / "nowhere")]) == 2
     with pytest.raises(NotARunError, match="not a directory"):
         load_run(tmp_path / "nowhere")
 
 
-def test_one_run_is_not_enough(smoke_runs: tuple[Path, Path]) -> None:
+def test_one_run_is_not_enough(runs: tuple[Path, Path]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([str(smoke_runs[0])])
+        main([str(runs[0])])
     assert exit_info.value.code == 2
 
 
-def test_the_gpu_log_compare_reads_has_the_columns_the_monitor_writes(smoke_runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_the_gpu_log_compare_reads_has_the_columns_the_monitor_writes(runs: tuple[Path, Path], tmp_path: Path) -> None:
     """compare reads densenetsmi.txt by the column names common/artifacts.py gives the monitor."""
     from common.artifacts import GPU_LOG, GPU_LOG_COLUMNS
 
-    run = copy_run(smoke_runs[0], tmp_path / "run")
+    run = copy_run(runs[0], tmp_path / "run")
     write_gpu_log(run / GPU_LOG, [("train", 1000.0), ("eval", 2000.0)])
     header = next(line for line in (run / GPU_LOG).read_text().splitlines() if not line.startswith("#"))
     assert header.split(",") == [name for name, _ in GPU_LOG_COLUMNS]

@@ -66,14 +66,29 @@ def test_pytest_lines_name_registered_markers():
 
 @pytest.mark.parametrize("words", [w for w in COMMANDS if is_script(w) and "--help" not in w], ids=" ".join)
 def test_every_script_command_parses(words, tmp_path, monkeypatch):
-    """Real runs need the Hub or a GPU; their arguments at least are all accepted."""
+    """Real runs need the Hub or a GPU; their arguments at least are all accepted, each as the value it gives."""
     monkeypatch.chdir(tmp_path)
-    for word in words[2:]:
-        if word.endswith(".json"):
-            Path(word).parent.mkdir(parents=True, exist_ok=True)
-            Path(word).write_text(json.dumps({"seed": 42}))  # the README's example config file
-    args = parse_arguments(words[2:])
-    assert args is not None
+    options = words[2:]
+    if options and options[0].endswith(".json"):
+        Path(options[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(options[0]).write_text(json.dumps({"seed": 42}))  # the README's example config file
+    args, engine = parse_arguments(options)
+    if options and options[0].endswith(".json"):
+        given = int(options[options.index("--seed") + 1]) if "--seed" in options else 42
+        assert args.seed == given  # the file's seed, unless a flag after the file gives one
+        options = options[1:]
+    for i, option in enumerate(options):
+        if not option.startswith("--"):
+            continue
+        name = option[2:].replace("-", "_")
+        value = options[i + 1] if i + 1 < len(options) and not options[i + 1].startswith("--") else None
+        owners = [a for a in (args, engine) if hasattr(a, name.removeprefix("no_"))]
+        assert owners, f"{option} names no argument"
+        owner = owners[0]
+        if value is not None:
+            assert str(getattr(owner, name)) == value, option
+        else:  # a switch: --smoke sets smoke, --no-liger clears liger
+            assert getattr(owner, name.removeprefix("no_")) is (not name.startswith("no_")), option
 
 
 def test_every_offline_command_runs(readme_runs):

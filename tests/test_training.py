@@ -1,5 +1,6 @@
 """Training helpers: the selection passes' memory is measured apart from training's."""
 
+import pytest
 import torch
 
 from common.training import SelectionPeaks
@@ -33,6 +34,7 @@ def test_without_cuda_training_peaks_pass_through():
     assert SelectionPeaks().training_peaks(none) == none
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without CUDA the engine turns Liger off")
 def test_engine_kernels_are_patched_in_before_any_evaluation(monkeypatch):
     """Liger is patched into the loaded model (the run does it before its zero-shot evaluation) and not at all where
     the engine does not use it; without CUDA the engine turns Liger off and says so once."""

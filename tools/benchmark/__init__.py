@@ -10,7 +10,7 @@ experiment's own code path.
 
 Each configuration is a profile (common/profiles.py: baseline's fp32 or modified's mixed) and an engine
 (`EngineArguments`: the shared defaults, or the grid's rows that add them one at a time to the HF Trainer's
-defaults), set up as a run sets them up and turned into TrainingArguments by `build_training_arguments`, run by
+defaults), set up as a run sets them up and turned into TrainingArguments by `training_argument_values`, run by
 the HF Trainer with evaluation and checkpoints turned off, on the random-weight Llama-3.2-1B (`llama-3.2-1b-random`,
 no download), with the project's `PadToLongest` collator. The batches are synthetic token ids whose lengths follow
 PIQA's (`tools/benchmark/piqa_lengths.json`, measured with Llama 3's tokenizer); the loss is on the answer part only.

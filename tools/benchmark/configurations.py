@@ -35,7 +35,7 @@ ENGINE_STEPS = (
 )
 PROFILES = {"fp32": BASELINE, "mixed": MODIFIED}  # the grid's columns: each script's own profile
 TRAINER = "HF Trainer"  # what trains a configuration (its row's engine_path)
-PLAIN_LOOP = "plain loop"  # issue 16's reference: the same workload and arithmetic in a plain PyTorch loop
+PLAIN_LOOP = "plain loop"  # the reference: the same workload and arithmetic in a plain PyTorch loop
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def engine_variants(batch_size: int) -> list[BenchConfig]:
 
 def plain_loops(batch_size: int) -> list[BenchConfig]:
     """baseline and modified (the scripts' profiles, the shared engine) trained by a plain PyTorch loop instead of
-    the HF Trainer: the same model, data, batches and arithmetic; issue 16 asks the Trainer for >= 0.95x its speed."""
+    the HF Trainer: the same model, data, batches and arithmetic, to show what the Trainer costs."""
     return [BenchConfig(f"plain-loop/{twin}", "reference", profile, EngineArguments(), batch_size=batch_size,
                         description=f"{twin} (same profile, engine, data and arithmetic) in a plain PyTorch loop, "
                                     "not the HF Trainer: the reference for Trainer overhead",

@@ -1,10 +1,10 @@
-"""Issue 16's reference row: a configuration's workload trained by a plain PyTorch loop instead of the HF Trainer.
+"""The reference row: a configuration's workload trained by a plain PyTorch loop instead of the HF Trainer.
 
 The same as train_row.py's Trainer path: model loading and the engine's set-up (usable_engine,
 apply_engine_to_model: Liger, cuDNN attention), the synthetic PIQA-length features, the PadToLongest collator,
 micro-batch x accumulation, the batch order (transformers' LengthGroupedSampler, or a random permutation,
 seeded as the Trainer seeds them), and the Trainer's arithmetic: its hyperparameters are read from the same
-TrainingArguments (build_training_arguments), AdamW (fused for 'adamw_torch_fused'), the cosine schedule with
+TrainingArguments (training_argument_values), AdamW (fused for 'adamw_torch_fused'), the cosine schedule with
 warm-up (get_scheduler), clipping at max_grad_norm, the loss averaged over the step's answer tokens
 (num_items_in_batch), bf16 autocast (fp16 + GradScaler without bf16) for the mixed profile, TF32 off for fp32 on
 CUDA, gradient checkpointing. Timed by the Trainer rows' StepTimer and measure(), so the rows compare.

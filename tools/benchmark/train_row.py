@@ -1,5 +1,5 @@
 """One configuration trained for warm-up + timed optimizer steps through the experiment's own code path (the
-engine set up as run() sets it up, TrainingArguments from build_training_arguments, the HF Trainer): one row."""
+engine set up as run() sets it up, TrainingArguments from training_argument_values, the HF Trainer): one row."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ from tools.benchmark.timing import (
 from tools.benchmark.workload import PIQA_TRAIN_EXAMPLES, mean_length, sample_lengths, synthetic_features
 
 H100_BF16_DENSE_PEAK_FLOPS = 989e12  # H100 SXM, bf16 tensor cores, dense (no sparsity)
+# A run's TrainingArguments changed for timing training steps alone: no evaluation, checkpoint, log or progress bar.
+TIMING_ONLY = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False, "report_to": [],
+               "metric_for_best_model": None, "greater_is_better": None, "disable_tqdm": True, "logging_first_step": False}
 
 
 @dataclass
@@ -145,10 +148,11 @@ class Workload:
 def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
                      lengths: dict[str, Any]) -> Workload:
     import torch
+    from transformers import TrainingArguments
 
     from common.data import PadToLongest
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import apply_engine_to_model, autocast_dtype, build_training_arguments, usable_engine
+    from common.training import apply_engine_to_model, autocast_dtype, training_argument_values, usable_engine
 
     tokenizer = load_tokenizer(model_name)
     with torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext():
@@ -158,7 +162,8 @@ def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dat
     features = synthetic_features(dataset_size, model.config.vocab_size, lengths, seed)
     run_dir = tempfile.mkdtemp(prefix="bench-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in config.name))
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
-    training_args = build_training_arguments(experiment, engine, config.profile, run_dir, timing_only=True)
+    values = training_argument_values(experiment, engine, config.profile, run_dir, torch.cuda.is_available())
+    training_args = TrainingArguments(**{**values, **TIMING_ONLY})
     collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of),
                                 splits_by_length=engine.loss == "answer-chunks", length_multiple=engine.pad_to_multiple_of)
     return Workload(model, engine, training_args, collator, features, count_parameters(model), checkpoint_budget)
