@@ -1,7 +1,7 @@
 """Checkpoints written in the background: training stops only to copy the state to host memory.
 
 A checkpoint of the 1B model is 14 GiB (fp32 weights + AdamW state); the Trainer writes it on the training thread,
-which left the GPU idle for ~20 s at each epoch's end (issue 23). Here the training thread copies the weights and
+which left the GPU idle for ~20 s at each epoch's end. Here the training thread copies the weights and
 the optimizer state into page-locked host buffers (about a second), writes the small files itself, and a
 background thread writes the two large ones. The layout is the Trainer's own (`--resume` and load_best_model_at_end
 read it as usual). A checkpoint is written as `tmp-checkpoint-<step>` and renamed to `checkpoint-<step>` only once
