@@ -23,8 +23,8 @@ TIME_PHASES: tuple[tuple[str, str], ...] = (
     ("train_steps", "the Trainer's training steps (forward, backward, optimizer, data loading) and its set-up"),
     ("select", "the selection passes at each epoch's end (accuracy on the held-out selection slice)"),
     ("checkpoint_save", "training stopped for a checkpoint: its state copied to host memory (written in the background)"),
-    ("checkpoint_wait", "waiting for the background writes (the last checkpoint, and final_model/'s weights where they "
-                        "are the last checkpoint's) to finish"),
+    ("checkpoint_wait", ("waiting for the background writes (the last checkpoint, and final_model/'s weights where "
+                         "they are the last checkpoint's) to finish")),
     ("load_best", "loading the best checkpoint at the end (load_best_model_at_end)"),
     ("eval_fine_tuned", "accuracy of the final model, on the reported examples"),
     ("final_save", "writing final_model/ on the main thread (or handing its weights to the background writer)"),
