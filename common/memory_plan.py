@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from common.checkpointing import LayerActivations
+from common.checkpointing import GIB, LayerActivations
 from common.config import ConfigError, EngineArguments
 
-GIB = 2**30
 TRAINING_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8  # fp32 weight, gradient and AdamW's two moments
 EVAL_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 2  # a selection pass: the training state (gradients may still be held), bf16 copies
 BF16_COPY_BYTES_PER_PARAMETER = 2  # mixed precision's weights cast for the forward pass (autocast's cache)

@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
 from common import artifacts, distributed
-from common.checkpoint_writer import CheckpointWriter
+from common.checkpoint_writer import CheckpointWriter, staging_dir
 from common.checkpointing import CheckpointBudget, budget_checkpointing
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
 from common.distributed import evaluate_on_all_ranks, world_size
@@ -339,11 +339,11 @@ class PiqaTrainer(Trainer):
         best = self.state.best_global_step
         if best and (best == self.state.global_step or (run_dir / f"checkpoint-{best}").exists()):
             self.state.best_model_checkpoint = str(run_dir / f"checkpoint-{best}")
-        staging = final
+        staging = staging_dir(final)  # every rank writes its RNG state there, never into a visible checkpoint-N
         if self.args.should_save:
             best_checkpoint = self.state.best_model_checkpoint
             limit = self.args.save_total_limit
-            staging = self.writer.stage(
+            self.writer.stage(
                 final, self.model.state_dict(), self.optimizer.state_dict(),
                 after=lambda: rotate_checkpoints(str(run_dir), limit, best_checkpoint, use_mtime=False),
             )
