@@ -2,8 +2,9 @@
 
 A checkpoint of the 1B model is 14 GiB (fp32 weights + AdamW state); the Trainer writes it on the training thread,
 which left the GPU idle for ~20 s at each epoch's end. Here the training thread copies the weights and
-the optimizer state into page-locked host buffers (about a second), writes the small files itself, and a
-background thread writes the two large ones. The layout is the Trainer's own (`--resume` and load_best_model_at_end
+the optimizer state into page-locked host buffers (about a second; the buffers are allocated in the background while
+the run sets up, since page-locking 14 GiB takes ~7 s), writes the small files itself, and a background thread writes
+the two large ones. The final model's files are hard links to the checkpoint holding the same weights. The layout is the Trainer's own (`--resume` and load_best_model_at_end
 read it as usual). A checkpoint is written as `tmp-checkpoint-<step>` and renamed to `checkpoint-<step>` only once
 complete, so a crash mid-write never leaves a checkpoint that resume or the best-model load would pick up. (Like the
 Trainer, it leaves flushing to the operating system: a power loss is not covered.)
@@ -25,6 +26,26 @@ from common.artifacts import CHECKPOINT_PREFIX
 
 STAGING_PREFIX = "tmp-" + CHECKPOINT_PREFIX  # not matched by checkpoint-* globs: invisible to resume and rotation
 OPTIMIZER_FILE = "optimizer.pt"  # transformers' OPTIMIZER_NAME
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")  # save_pretrained's, + weights
+
+
+def link_model_files(checkpoint: Path, directory: Path) -> None:
+    """`directory` gets the model files of a complete checkpoint as hard links: the same bytes without writing the
+    weights a second time (copies where the file system has no hard links)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for source in checkpoint.iterdir():
+        if source.name in MODEL_FILES or source.suffix == ".safetensors":
+            target = directory / source.name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+
+
+def adam_moments(optim: str) -> int:
+    """Tensors the optimizer keeps per parameter, each the parameter's shape and dtype (AdamW: two moments)."""
+    return 2 if "adam" in optim and "8bit" not in optim else 0
 
 
 def staging_dir(checkpoint_dir: Path) -> Path:
@@ -40,6 +61,16 @@ class HostSnapshot:
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self._buffers: dict[str, torch.Tensor] = {}
+        self._spare: dict[tuple, list[torch.Tensor]] = {}  # allocated ahead of the first copy, by (shape, dtype)
+
+    def reserve(self, like: list[tuple[tuple, torch.dtype]]) -> None:
+        """Allocate buffers for tensors of these shapes and dtypes now, so that the first copy finds them ready."""
+        for shape, dtype in like:
+            buffer = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=self.pin)
+            self._spare.setdefault((tuple(shape), dtype), []).append(buffer)
+
+    def release_spare(self) -> None:
+        self._spare.clear()
 
     def copy(self, state: Any, prefix: str = "") -> Any:
         seen: dict[tuple, torch.Tensor] = {}
@@ -61,8 +92,11 @@ class HostSnapshot:
     def _copy_tensor(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            pin = self.pin and tensor.is_cuda
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            spare = self._spare.get((tuple(tensor.shape), tensor.dtype))
+            if spare:
+                buffer = spare.pop()
+            else:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.pin and tensor.is_cuda)
             self._buffers[path] = buffer
         buffer.copy_(tensor, non_blocking=tensor.is_cuda)  # asynchronous from the device; synchronised in stage()
         return buffer
@@ -80,7 +114,7 @@ class PendingWrite:
     optimizer_state: dict | None  # host tensors; None: weights only
     after: Any  # callable run once the checkpoint is complete (rotation)
     started_s: float = field(default_factory=time.perf_counter)
-    also_weights_to: list = field(default_factory=list)  # directories that get the weights too (the final model)
+    also_weights_to: list = field(default_factory=list)  # directories that get the model files too (the final model)
     closed: bool = False  # the thread took the last of also_weights_to
 
 
@@ -95,14 +129,27 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._reserving: _Thread | None = None
         self.write_seconds: list[float] = []  # each checkpoint's background write, s
         self.stage_seconds: list[float] = []  # each checkpoint's copy to host memory, on the caller's thread, s
+
+    def reserve(self, optimizer_moments: int) -> None:
+        """Allocate the host buffers in the background now: the weights, and `optimizer_moments` tensors like each
+        trainable parameter (adam_moments); whatever else the optimizer holds is allocated at the first save."""
+        unique = {(t.untyped_storage().data_ptr(), t.storage_offset()): t for t in self.model.state_dict().values()}
+        weights = [(tuple(t.shape), t.dtype) for t in unique.values()]
+        moments = [(tuple(p.shape), p.dtype) for p in self.model.parameters() if p.requires_grad] * optimizer_moments
+        self._reserving = _Thread(lambda: (self._model_buffers.reserve(weights),
+                                           self._optimizer_buffers.reserve(moments)))
 
     def stage(self, final: Path, model_state: dict, optimizer_state: dict | None, after=None) -> Path:
         """Copy the states to host memory and start writing them; returns the staging directory, where the caller
         writes the small files now (they must be there before the rename)."""
         self.wait()
         started_s = time.perf_counter()
+        if self._reserving is not None:
+            self._reserving.join()  # raises its error
+            self._reserving = None
         staging = staging_dir(final)
         if staging.exists():
             shutil.rmtree(staging)  # an earlier run's interrupted write of this step
@@ -111,6 +158,8 @@ class CheckpointWriter:
         host_optimizer = self._optimizer_buffers.copy(optimizer_state) if optimizer_state is not None else None
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the host copies are complete before the thread reads them
+        self._model_buffers.release_spare()
+        self._optimizer_buffers.release_spare()
         self.stage_seconds.append(time.perf_counter() - started_s)
         pending = PendingWrite(staging, final, host_model, host_optimizer, after)
         return self._start(pending)
@@ -130,7 +179,7 @@ class CheckpointWriter:
         try:
             optimizer_writer = None
             if pending.optimizer_state is not None:  # the two large files at once: each is mostly CPU-bound
-                optimizer_writer = _Thread(torch.save, pending.optimizer_state, pending.staging / OPTIMIZER_FILE)
+                optimizer_writer = _Thread(save_without_checksum, pending.optimizer_state, pending.staging / OPTIMIZER_FILE)
             # A copy of the dict each time: save_pretrained empties the one it is given as it writes.
             self.model.save_pretrained(str(pending.staging), state_dict=dict(pending.model_state))
             if optimizer_writer is not None:
@@ -142,28 +191,31 @@ class CheckpointWriter:
             if pending.after is not None:
                 pending.after()
             self.write_seconds.append(time.perf_counter() - pending.started_s)
-            while True:  # the directories also_write_weights adds, until none is left
+            while True:  # the directories also_link_model_files adds, until none is left
                 with self._lock:
                     if not pending.also_weights_to:
                         pending.closed = True
                         break
                     directory = pending.also_weights_to.pop(0)
-                self.model.save_pretrained(str(directory), state_dict=dict(pending.model_state))
+                link_model_files(pending.final, directory)
         except BaseException as err:  # noqa: BLE001 - handed to the training thread at its next save or wait
             self._error = err
             pending.closed = True
 
-    def also_write_weights(self, directory: Path) -> bool:
-        """Write the last staged weights to `directory` too (save_pretrained), after the checkpoint, in the
-        background; False where no write is in progress to add it to."""
+    def also_link_model_files(self, checkpoint: Path, directory: Path) -> bool:
+        """Give `directory` the model files of `checkpoint` once its write in progress is complete (link_model_files);
+        False where `checkpoint` is not the one being written."""
         with self._lock:
-            if self._thread is None or self._pending.closed:
+            if self._thread is None or self._pending.closed or self._pending.final != checkpoint:
                 return False
             self._pending.also_weights_to.append(directory)
             return True
 
     def wait(self) -> None:
         """Block until the write in progress is complete; raise its error, if it had one."""
+        if self._reserving is not None and self._thread is None:
+            self._reserving.join()  # no allocation outlives the run; raises its error
+            self._reserving = None
         if self._thread is not None:
             self._ready.set()  # a caller that failed before small_files_written must not hang the thread
             self._thread.join()
@@ -180,6 +232,17 @@ class CheckpointWriter:
     def host_buffer_bytes(self) -> int:
         return self._model_buffers.nbytes + self._optimizer_buffers.nbytes
 
+
+
+def save_without_checksum(state: dict, path: Path) -> None:
+    """torch.save without the zip records' CRC-32, which torch.load never checks: computing it took as long as
+    writing the 9.5 GiB of AdamW state."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch before 2.6: always computed
+        return torch.save(state, path)
+    with config.patch({"save.compute_crc32": False}):  # process-wide: the small files saved meanwhile go without too
+        torch.save(state, path)
 
 
 class _Thread(threading.Thread):

@@ -8,6 +8,10 @@ against tiktoken's own encoder."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import os
+import tempfile
 from pathlib import Path
 
 INSTALL = "pip install llama-models==0.3.0"
@@ -63,8 +67,39 @@ def tokenizer_model_path() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _backend(model_path: Path):
-    """The converted tokenizer, built once per process (~3 s); PreTrainedTokenizerFast wraps a copy of it."""
+def converted_file(model_path: Path) -> Path:
+    """The converted tokenizer's tokenizer.json. Converting takes ~3 s, so the file is kept in cache_dir() (the
+    temporary directory where that is read-only) and read from there while its inputs stay the same (_fingerprint)."""
+    name = f"llama3-tokenizer-{_fingerprint(model_path)}.json"
+    folders = [cache_dir(), Path(tempfile.gettempdir())]
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    backend, error = _convert(model_path), None
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f"{name}.{os.getpid()}.tmp"
+            backend.save(str(partial))
+            os.replace(partial, folder / name)  # never a half-written file for another process to read
+            return folder / name
+        except OSError as err:
+            error = err
+    raise error
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "piqa-finetune"
+
+
+def _fingerprint(model_path: Path) -> str:
+    """What the converted tokenizer depends on: the BPE file, the split pattern, the special tokens, this code."""
+    digest = hashlib.sha256(model_path.read_bytes())
+    digest.update("\n".join([PATTERN, *special_tokens(), inspect.getsource(_convert)]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _convert(model_path: Path):
     from tokenizers import processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -87,7 +122,7 @@ def llama3_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     # The Hub's config asks for clean_up_tokenization_spaces, which transformers 5 ignores for BPE: decode keeps spaces.
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_backend(tokenizer_model_path()), bos_token=BOS, eos_token=EOS,
-                                        model_max_length=131072)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(converted_file(tokenizer_model_path())), bos_token=BOS,
+                                        eos_token=EOS, model_max_length=131072)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

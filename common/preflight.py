@@ -11,8 +11,6 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
-from common.data import PiqaExample
-from common.prompts import encode_pairs, format_context, format_continuation
 from common.training import build_training_arguments
 
 
@@ -35,19 +33,16 @@ def check_trainer_arguments(args: ExperimentArguments, engine: EngineArguments, 
         raise ConfigError(f"the Trainer refuses these arguments: {str(err).strip().splitlines()[0]}") from err
 
 
-def check_max_length(examples: list[PiqaExample], tokenizer, max_length: int) -> None:
-    """Refuse a --max-length that cuts the whole answer off a training example: the loss is on the answer tokens
-    only, so such an example teaches nothing, and a batch of them has a loss of 0/0 (NaN)."""
-    if not examples:  # --eval-only
-        return
-    pairs = [(format_context(e.goal), format_continuation(e.correct_solution)) for e in examples]
-    encoded = encode_pairs(tokenizer, pairs)
-    answerless = sum(len(context) >= max_length for context, _ in encoded)
+def check_max_length(pairs: list[tuple[list[int], list[int]]], max_length: int) -> None:
+    """Refuse a --max-length that cuts the whole answer off a training example (`pairs`: common.data.training_pairs):
+    the loss is on the answer tokens only, so such an example teaches nothing, and a batch of them has a loss of 0/0
+    (NaN)."""
+    answerless = sum(len(context) >= max_length for context, _ in pairs)
     if answerless:
-        longest_prompt = max(len(context) for context, _ in encoded)
-        whole = max(len(context) + len(answer) for context, answer in encoded) + 1  # + EOS
+        longest_prompt = max(len(context) for context, _ in pairs)
+        whole = max(len(context) + len(answer) for context, answer in pairs) + 1  # + EOS
         raise ConfigError(
-            f"--max-length {max_length} cuts the whole answer off {answerless} of {len(examples)} training examples "
+            f"--max-length {max_length} cuts the whole answer off {answerless} of {len(pairs)} training examples "
             f"(their prompts take up to {longest_prompt} tokens), leaving nothing to learn from them: pass "
             f"--max-length {longest_prompt + 1} or more ({whole} keeps every example whole)"
         )

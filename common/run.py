@@ -19,9 +19,18 @@ from typing import Any
 import torch
 
 from common import artifacts, distributed, hub, runlock
+from common.checkpoint_writer import CheckpointWriter, adam_moments, link_model_files
 from common.checkpointing import CheckpointBudget
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
-from common.data import HUB_DATASET, DataError, ExperimentData, PadToLongest, build_experiment_data, tokenize_examples
+from common.data import (
+    HUB_DATASET,
+    DataError,
+    ExperimentData,
+    PadToLongest,
+    build_experiment_data,
+    training_features,
+    training_pairs,
+)
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
 from common.divergence import StopOnNonFiniteLoss
 from common.evaluation import write_predictions
@@ -83,6 +92,7 @@ class Experiment:
     memory_plan: MemoryPlan | None  # the engine's memory settings as fitted to this GPU (None on a CPU)
     startup_s: dict  # set-up's parts, s (the rest of start-up is the interpreter and the imports)
     checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
+    writer: CheckpointWriter | None = None  # writes checkpoints in the background (None: the Trainer, in the foreground)
 
 
 @runlock.released_after  # the run directory is locked from set_up until the run ends (common/runlock.py)
@@ -137,12 +147,17 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
                                  args.eval_sample_count(), args.seed, need_train=not args.eval_only)
     clock.lap("data")
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
-    check_max_length(data.train, tokenizer, args.max_length)
     clock.lap("tokenizer")
-    model = load_model(args.model, tokenizer, args.trust_remote_code, args.token, device=compute_device())
-    clock.lap("model")
-    features, truncated = ([], 0) if args.eval_only else tokenize_examples(data.train, tokenizer, args.max_length)
+    pairs = training_pairs(data.train, tokenizer)  # empty with --eval-only
+    check_max_length(pairs, args.max_length)
+    features, truncated = training_features(pairs, tokenizer.eos_token_id, args.max_length)
     clock.lap("tokenize")
+    model = load_model(args.model, tokenizer, args.trust_remote_code, args.token, device=compute_device())
+    writer = None
+    if engine.background_checkpoints and not args.eval_only:
+        writer = CheckpointWriter(model, pin=torch.cuda.is_available())
+        writer.reserve(adam_moments(engine.optim))  # host buffers allocated while the run sets up and evaluates
+    clock.lap("model")
     install_kernels(model, engine)
     memory_plan = fit_to_gpu(model, engine, [len(f["input_ids"]) for f in features], args.batch_size, world_size())
     if memory_plan:
@@ -166,7 +181,7 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     distributed.barrier()
     clock.lap("disk_check_and_config")
     return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
-                      disk_estimate, features, truncated, memory_plan, clock.laps_s, checkpoint_budget)
+                      disk_estimate, features, truncated, memory_plan, clock.laps_s, checkpoint_budget, writer)
 
 
 def choose_run_dir(args, profile: Profile) -> tuple[Path, str | None]:
@@ -305,7 +320,7 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
         eval_autocast_dtype=experiment.autocast_dtype,
         eval_options=eval_memory(experiment),
         phases=phases,
-        background_checkpoints=engine.background_checkpoints,
+        writer=experiment.writer,
         callbacks=[StopOnNonFiniteLoss()],  # the first non-finite loss ends the run (common/divergence.py)
     )
     configure_ddp_communication(trainer, engine)
@@ -335,16 +350,20 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
 
 
 def save_final_model(experiment: Experiment, trainer: PiqaTrainer) -> None:
-    """final_model/: where the model still holds the last checkpoint's weights, the checkpoint writer writes them
-    from its host copy after that checkpoint (no second copy from the GPU); then every write is waited for."""
+    """final_model/: where the model holds a checkpoint's weights (the last one staged, or the best one loaded), its
+    model files are hard links to that checkpoint's, made once it is complete; then every write is waited for."""
     final_model = experiment.run_dir / artifacts.FINAL_MODEL
-    queued = is_main_process() and trainer.weights_as_staged() and trainer.writer.also_write_weights(final_model)
-    if not queued:
+    source = trainer.checkpoint_holding_weights()  # the same on every rank
+    if source is None:
         trainer.save_model(str(final_model))
+    elif is_main_process() and not (trainer.writer and trainer.writer.also_link_model_files(source, final_model)):
+        if trainer.writer:
+            trainer.writer.wait()  # a failed write says so here, not as a missing checkpoint
+        link_model_files(source, final_model)
     if is_main_process():
         final_model.mkdir(parents=True, exist_ok=True)
         experiment.tokenizer.save_pretrained(str(final_model))
-        if queued:
+        if source is not None:
             torch.save(trainer.args, final_model / "training_args.bin")  # as Trainer.save_model writes it
     trainer.finish_checkpoints()
     # Under FSDP the save all-gathers the weights and only rank 0 waits for each transfer; a rank that

@@ -257,14 +257,14 @@ class PiqaTrainer(Trainer):
     """
 
     def __init__(self, *args, eval_batch_size: int, eval_autocast_dtype: torch.dtype | None, phases: PhaseTimes,
-                 background_checkpoints: bool = True, eval_options: dict | None = None, **kwargs):
+                 writer: CheckpointWriter | None = None, eval_options: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.selection_batch_size = eval_batch_size
         self.eval_options = eval_options or {}  # the evaluation's memory bound (common/memory_plan.py)
         self.eval_autocast_dtype = eval_autocast_dtype
         self.phases = phases
         self.peaks = SelectionPeaks()
-        self.writer = CheckpointWriter(self.model, pin=torch.cuda.is_available()) if background_checkpoints else None
+        self.writer = writer  # None: the Trainer's own checkpoint saving, on the training thread
         self._staged_step = -1  # global step of the last checkpoint staged for the writer
         self._loaded_best = False
         self._best_in_memory: str | None = None  # the best checkpoint, while the Trainer must not look for it
@@ -299,6 +299,16 @@ class PiqaTrainer(Trainer):
     def weights_as_staged(self) -> bool:
         """The model's weights are those of the last checkpoint staged (no step and no load since)."""
         return self.writer is not None and self._staged_step == self.state.global_step and not self._loaded_best
+
+    def checkpoint_holding_weights(self) -> Path | None:
+        """The checkpoint whose model files hold the model's weights now: the last one staged (no step since) or the
+        best one loaded; None under FSDP and DeepSpeed, whose checkpoints store them in their own layout."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        if self.weights_as_staged():
+            return Path(self.args.output_dir) / f"checkpoint-{self._staged_step}"
+        best = self.state.best_model_checkpoint
+        return Path(best) if self._loaded_best and best else None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         self.peaks.begin_selection()

@@ -100,19 +100,41 @@ def test_final_model_is_the_best_checkpoint_with_its_projection_tied(smoke_runs)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def test_the_final_model_written_from_the_host_copy_holds_every_weight(tmp_path, trained):
-    """also_write_weights: the last staged weights, written again after the checkpoint (save_pretrained empties the
-    dict it is given: the second write once got none)."""
+def test_the_final_model_is_linked_to_the_checkpoint_once_it_is_complete(tmp_path, trained):
+    """also_link_model_files: the final model's files are the checkpoint's own (hard links), made after its write."""
     model, optimizer = trained
     writer = CheckpointWriter(model, pin=False)
     final = tmp_path / "checkpoint-2"
     staging = writer.stage(final, model.state_dict(), optimizer.state_dict())
-    assert writer.also_write_weights(tmp_path / "final_model")
+    assert not writer.also_link_model_files(tmp_path / "checkpoint-1", tmp_path / "other")  # not the one in progress
+    assert writer.also_link_model_files(final, tmp_path / "final_model")
     (staging / "trainer_state.json").write_text("{}")
     writer.small_files_written()
     writer.wait()
+    linked = {p.name for p in (tmp_path / "final_model").iterdir()}
+    assert linked == {"config.json", "generation_config.json", "model.safetensors"}  # no optimizer, no trainer state
+    for name in linked:
+        assert (tmp_path / "final_model" / name).samefile(final / name)
     written = load_file(tmp_path / "final_model" / "model.safetensors")
-    assert written.keys() == load_file(final / "model.safetensors").keys()
     for name, tensor in written.items():
         assert torch.equal(tensor, model.state_dict()[name]), name
-    assert not writer.also_write_weights(tmp_path / "other")  # nothing in progress to add it to
+    assert not writer.also_link_model_files(final, tmp_path / "other")  # nothing in progress to add it to
+
+
+def test_buffers_reserved_ahead_are_the_ones_the_first_save_fills(tmp_path, trained):
+    model, optimizer = trained
+    writer = CheckpointWriter(model, pin=False)
+    writer.reserve(optimizer_moments=2)
+    writer._reserving.join()  # allocated in the background
+    reserved = {id(b) for spares in writer._model_buffers._spare.values() for b in spares}
+    reserved |= {id(b) for spares in writer._optimizer_buffers._spare.values() for b in spares}
+    final = save(writer, tmp_path, 2, model, optimizer)
+    used = {id(b) for b in writer._model_buffers._buffers.values()}
+    moments = [b for path, b in writer._optimizer_buffers._buffers.items() if path.endswith(("exp_avg", "exp_avg_sq"))]
+    assert used <= reserved and {id(b) for b in moments} <= reserved
+    assert len(moments) == 2 * len([p for p in model.parameters() if p.requires_grad])
+    assert not writer._model_buffers._spare and not writer._optimizer_buffers._spare  # the unused ones let go
+    writer.wait()
+    weights = load_file(final / "model.safetensors")
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, model.state_dict()[name]), name

@@ -111,3 +111,20 @@ def test_missing_package_says_how_to_install(monkeypatch, package):
 def test_smoke_keeps_the_byte_level_tokenizer():
     ids = load_tokenizer("smoke")("héllo", add_special_tokens=False)["input_ids"]
     assert len(ids) == len("héllo".encode())
+
+
+def test_the_cached_conversion_is_the_conversion(tmp_path, monkeypatch):
+    """The converted tokenizer is kept in the cache directory; read back, it is the same tokenizer."""
+    from tokenizers import Tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    llama3.converted_file.cache_clear()
+    try:
+        cached_file = llama3.converted_file(llama3.tokenizer_model_path())
+    finally:
+        llama3.converted_file.cache_clear()
+    assert cached_file.parent == tmp_path / "piqa-finetune" and not list(tmp_path.rglob("*.tmp"))
+    converted, cached = llama3._convert(llama3.tokenizer_model_path()), Tokenizer.from_file(str(cached_file))
+    assert cached.to_str() == converted.to_str()
+    texts = sample_texts()
+    assert [e.ids for e in cached.encode_batch(texts)] == [e.ids for e in converted.encode_batch(texts)]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real job on a GPU machine, as docs/real_job/README.md reports it: every run's metrics.json, config.json,
 # densenetsmi.txt and console log (no checkpoints) into one tar under $OUT.
-#   bash docs/real_job/device_run.sh PIECE...   PIECE: modified | baseline | caps | cap22 | snapshot22 | benchmark
+#   bash docs/real_job/device_run.sh PIECE...
+#   PIECE: warm | imports | modified | baseline | caps | cap22 | caps-rest | snapshot22 | benchmark
 # Needs: .whl/ (liger-kernel 0.8.5, llama-models 0.3.0 wheels) and .device_data/piqa-valid-1000 (PIQA's first 1,000
 # validation examples, ../shared/data) beside the checkout.
 set -u
@@ -28,8 +29,18 @@ job() {  # job NAME SCRIPT FLAGS...: one run, timed from outside, its files coll
   rm -rf /tmp/runs/$name
 }
 
+timed() {  # timed LABEL COMMAND...: its wall clock into walls.txt
+  local label=$1 start; shift; start=$(date +%s.%N)
+  "$@" > /dev/null 2>&1
+  echo "$label rc=$? wall_s=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")" | tee -a $COLLECT/walls.txt
+}
+
 for piece in "$@"; do
   case $piece in
+    warm) timed "python3 -c llama3_tokenizer() (converts Llama 3's tokenizer, cached for later runs)" \
+            python3 -c "from common.llama3_tokenizer import llama3_tokenizer; llama3_tokenizer()" ;;
+    imports) python3 -X importtime -c "import common.run" 2> $COLLECT/importtime.txt
+             timed "python3 -c 'import common.run' (the second time)" python3 -c "import common.run" ;;
     modified) job modified modified.py --data-dir /tmp/piqa16k ;;
     baseline) job baseline baseline.py --data-dir /tmp/piqa16k ;;
     caps-rest) for gib in 38 78; do for s in modified baseline; do
