@@ -130,6 +130,7 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._reserving: _Thread | None = None
+        self.reserve_seconds: float | None = None  # the background allocation of the host buffers, s
         self.write_seconds: list[float] = []  # each checkpoint's background write, s
         self.stage_seconds: list[float] = []  # each checkpoint's copy to host memory, on the caller's thread, s
 
@@ -139,8 +140,13 @@ class CheckpointWriter:
         unique = {(t.untyped_storage().data_ptr(), t.storage_offset()): t for t in self.model.state_dict().values()}
         weights = [(tuple(t.shape), t.dtype) for t in unique.values()]
         moments = [(tuple(p.shape), p.dtype) for p in self.model.parameters() if p.requires_grad] * optimizer_moments
-        self._reserving = _Thread(lambda: (self._model_buffers.reserve(weights),
-                                           self._optimizer_buffers.reserve(moments)))
+        self._reserving = _Thread(self._reserve, weights, moments)
+
+    def _reserve(self, weights: list, moments: list) -> None:
+        started_s = time.perf_counter()
+        self._model_buffers.reserve(weights)
+        self._optimizer_buffers.reserve(moments)
+        self.reserve_seconds = time.perf_counter() - started_s
 
     def stage(self, final: Path, model_state: dict, optimizer_state: dict | None, after=None) -> Path:
         """Copy the states to host memory and start writing them; returns the staging directory, where the caller

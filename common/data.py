@@ -158,6 +158,8 @@ def build_experiment_data(
 def training_pairs(examples: list[PiqaExample], tokenizer) -> list[tuple[list[int], list[int]]]:
     """Each example's prompt and correct solution as (context ids, answer ids), encoded exactly as evaluation scores
     them (`encode_pairs`), in one batched call (one call per example took seconds for PIQA's 16,000)."""
+    if not examples:  # --eval-only (a tokenizer refuses an empty batch)
+        return []
     return encode_pairs(tokenizer, [(format_context(e.goal), format_continuation(e.correct_solution)) for e in examples])
 
 

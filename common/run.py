@@ -148,16 +148,16 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     clock.lap("data")
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, args.token)
     clock.lap("tokenizer")
-    pairs = training_pairs(data.train, tokenizer)  # empty with --eval-only
-    check_max_length(pairs, args.max_length)
-    features, truncated = training_features(pairs, tokenizer.eos_token_id, args.max_length)
-    clock.lap("tokenize")
     model = load_model(args.model, tokenizer, args.trust_remote_code, args.token, device=compute_device())
     writer = None
     if engine.background_checkpoints and not args.eval_only:
         writer = CheckpointWriter(model, pin=torch.cuda.is_available())
-        writer.reserve(adam_moments(engine.optim))  # host buffers allocated while the run sets up and evaluates
+        writer.reserve(adam_moments(engine.optim))  # host buffers allocated in the background, while tokenizing
     clock.lap("model")
+    pairs = training_pairs(data.train, tokenizer)  # empty with --eval-only
+    check_max_length(pairs, args.max_length)
+    features, truncated = training_features(pairs, tokenizer.eos_token_id, args.max_length)
+    clock.lap("tokenize")
     install_kernels(model, engine)
     memory_plan = fit_to_gpu(model, engine, [len(f["input_ids"]) for f in features], args.batch_size, world_size())
     if memory_plan:
@@ -342,6 +342,7 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
             "train_tokens_per_s": session_tokens / runtime_s if runtime_s else None,  # non-padding, this session
             "checkpoint_writes_s": trainer.writer.write_seconds if trainer.writer else [],  # in the background
             "checkpoint_copies_s": trainer.writer.stage_seconds if trainer.writer else [],  # to host memory
+            "checkpoint_buffers_allocated_s": trainer.writer.reserve_seconds if trainer.writer else None,  # background
         },
         train={"mean_loss": output.training_loss,  # the Trainer's mean over every step of this session
                "session_tokens": session_tokens},  # non-padding tokens trained on by this process

@@ -9,7 +9,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1  # TOKENIZERS_PARALLELISM unset, as a user has it
 COLLECT=/tmp/collect; mkdir -p $COLLECT /tmp/runs
 python3 -m tools.real_job_data .device_data/piqa-valid-1000 /tmp/piqa16k --times 16
 python3 -m tools.real_job_data .device_data/piqa-valid-1000 /tmp/piqa2k --times 2
