@@ -3,7 +3,7 @@ an error before training where nothing fits (common/memory_plan.py)."""
 
 import pytest
 
-from common.checkpointing import LayerActivations
+from common.engine.budget import LayerActivations
 from common.config import ConfigError, EngineArguments
 from common.memory_plan import GIB, longest_micro_batch_positions, plan_memory
 

@@ -24,7 +24,8 @@ from common.monitor.devices import MIB, GpuInfo, MonitorOff, NvmlGpus, map_visib
 from common.monitor.log import GpuLog
 from common.monitor.pmon import Pmon
 from common.monitor.sampling import Sampler
-from common.monitor.summary import format_summary, torch_peak_memory
+from common.memory import torch_peak_memory
+from common.monitor.summary import format_summary
 
 __all__ = ["MIB", "GpuInfo", "GpuMonitor", "format_summary", "map_visible_devices", "torch_peak_memory"]
 
