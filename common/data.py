@@ -178,6 +178,11 @@ def tokenize_examples(examples: list[PiqaExample], tokenizer, max_length: int) -
     return features, truncated_count
 
 
+def round_up(length: int, multiple: int | None) -> int:
+    """`length` padded to a multiple of `multiple` (unchanged without one)."""
+    return -(-length // multiple) * multiple if multiple else length
+
+
 class PadToLongest:
     """Dynamic padding per batch (right side); labels padded with IGNORE_INDEX so padding never counts."""
 
@@ -188,9 +193,7 @@ class PadToLongest:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         batch = {"input_ids": [], "labels": [], "attention_mask": []}
         for f in features:
             pad = length - len(f["input_ids"])

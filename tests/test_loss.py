@@ -205,3 +205,21 @@ def test_answer_positions_given_by_the_caller_give_the_same_loss():
     assert answer_token_loss(hidden, weight, labels, answers=answers).item() == expected.item()
     assert answer_token_loss(hidden, weight, labels, chunk_bytes=4 * 50 * 7, answers=answers).item() == \
         pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_models_own_loss_gets_the_batch_without_its_plan(models):
+    """--loss full-logits: the collator's plan is for the activation budget only; the model's forward never sees it,
+    and its plan is one pass (only the answer-token loss splits a batch)."""
+    from common.config import EngineArguments
+    from common.data import PadToLongest
+    from common.engine import Engine
+    from common.precision import resolve_precision
+
+    own, _ = models
+    engine = Engine(EngineArguments(loss="full-logits"), resolve_precision("fp32", on_cuda=False))
+    features = [{"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * 3 + list(range(8, 5 + n))}
+                for n in [40] * 2 + [6] * 30]
+    batch = engine.collator(PadToLongest(0))(features)
+    assert len(batch["plan"].passes) == 1 and batch["plan"].decoder_positions == 32 * 40
+    inputs = engine.before_forward(own, batch)
+    assert "plan" not in inputs and own(**inputs).loss.isfinite()

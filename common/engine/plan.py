@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from common.data import IGNORE_INDEX
+from common.data import IGNORE_INDEX, round_up
 
 # What one more decoder pass costs, in padded positions: on an H200 a step's fixed cost (~100 ms of kernel launches)
 # is worth a few thousand positions of a long batch's work (~55 positions a millisecond).
@@ -96,9 +96,7 @@ def right_padded_groups(attention_mask: torch.Tensor, length_multiple: int | Non
     mask = attention_mask.cpu()
     if mask.shape[1] < 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
         return None
-    lengths = mask.sum(1).tolist()
-    if length_multiple:
-        lengths = [min(mask.shape[1], -(-length // length_multiple) * length_multiple) for length in lengths]
+    lengths = [min(mask.shape[1], round_up(length, length_multiple)) for length in mask.sum(1).tolist()]
     groups = length_groups(lengths, SPLIT_COST_POSITIONS, MAX_LENGTH_GROUPS)
     return groups if len(groups) > 1 else None
 

@@ -165,6 +165,8 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int, micr
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
+    from common.data import round_up
+
     generator = torch.Generator().manual_seed(seed)
     if config.engine.train_sampling_strategy == "group_by_length":
         order = get_length_grouped_indices(lengths, config.batch_size, generator=generator)
@@ -174,9 +176,7 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int, micr
     real = padded = 0
     for start in range(0, len(order), mb):
         chunk = [lengths[i] for i in order[start : start + mb]]
-        longest = max(chunk)
-        if multiple:
-            longest = -(-longest // multiple) * multiple
+        longest = round_up(max(chunk), multiple)
         real += sum(chunk)
         padded += longest * len(chunk)
     return 100.0 * (1 - real / padded)
