@@ -1,5 +1,5 @@
-"""The experiment, the engine and a Profile as TrainingArguments and torch switches; a Trainer whose evaluation is
-PIQA accuracy."""
+"""The experiment, the engine and a Profile (its precision resolved: common/precision.py) as TrainingArguments; the
+allocator's settings; a Trainer (the engine's, common/engine/) whose evaluation is PIQA accuracy."""
 
 from __future__ import annotations
 

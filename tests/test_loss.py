@@ -223,3 +223,16 @@ def test_the_models_own_loss_gets_the_batch_without_its_plan(models):
     assert len(batch["plan"].passes) == 1 and batch["plan"].decoder_positions == 32 * 40
     inputs = engine.before_forward(own, batch)
     assert "plan" not in inputs and own(**inputs).loss.isfinite()
+
+
+def test_the_plan_stays_on_the_host_through_accelerate_and_ddp():
+    """accelerate's send_to_device and DDP's input copy move tensors, dataclasses and tuples to the GPU; the plan is
+    none of them, so its index tensors reach the forward as the collator made them (pinned on a GPU machine)."""
+    from accelerate.utils import send_to_device
+    from torch.distributed.utils import _recursive_to
+
+    mask = torch.tensor([[1] * n + [0] * (30 - n) for n in [30] * 2 + [8] * 14])
+    plan = plan_batch(mask, mask)
+    batch = {"attention_mask": mask, "plan": plan}
+    assert send_to_device(batch, "cpu")["plan"] is plan
+    assert _recursive_to(((), batch), torch.device("cpu"), False)[0][1]["plan"] is plan
