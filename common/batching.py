@@ -10,13 +10,14 @@ import torch
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DistributedDataParallel / DataParallel (`.module`) or torch.compile (`._orig_mod`)."""
+    inner = model
     while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        if isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            inner = inner.module
+        elif hasattr(inner, "_orig_mod"):  # torch.compile's wrapper (read, never set here)
+            inner = inner._orig_mod
         else:
-            return model
+            return inner
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

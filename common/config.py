@@ -63,7 +63,7 @@ class EngineArguments:
         default=7.0,
         metadata={"help": "With gradient checkpointing: GiB a micro-batch's decoder layers may keep for the backward "
                   "pass. Layers keep their activations (no recompute), last layer first, while they fit; the others "
-                  "are checkpointed (common/checkpointing.py). 0 checkpoints every layer."},
+                  "are checkpointed (common/engine/budget.py). 0 checkpoints every layer."},
     )
     optim: str = field(
         default="adamw_torch_fused",
@@ -78,8 +78,18 @@ class EngineArguments:
         default="answer-chunks",
         metadata={"help": "How the answer tokens' mean cross-entropy is computed (the same loss each way): "
                   "'answer-chunks' logits at the answer tokens only, in chunks, long batches split by length (Llama, "
-                  "Mistral, Qwen2/3; common/loss.py); 'liger-fused' Liger's fused linear cross-entropy (needs "
+                  "Mistral, Qwen2/3; common/engine/loss.py); 'liger-fused' Liger's fused linear cross-entropy (needs "
                   "--liger); 'full-logits' the model's own forward."},
+    )
+    length_split: bool = field(
+        default=True,
+        metadata={"help": "With --loss answer-chunks: run a batch whose rows differ much in length as groups of similar "
+                  "length, each padded to its own longest (common/engine/plan.py). --no-length-split: one pass."},
+    )
+    pinned_index_copies: bool = field(
+        default=True,
+        metadata={"help": "Copy each batch's row and answer indices to the GPU from page-locked host memory, without "
+                  "waiting for the copy. --no-pinned-index-copies: ordinary copies."},
     )
     train_sampling_strategy: str = field(
         default="group_by_length",

@@ -189,6 +189,11 @@ def training_features(pairs: list[tuple[list[int], list[int]]], eos_token_id: in
     return features, truncated_count
 
 
+def round_up(length: int, multiple: int | None) -> int:
+    """`length` padded to a multiple of `multiple` (unchanged without one)."""
+    return -(-length // multiple) * multiple if multiple else length
+
+
 class PadToLongest:
     """Dynamic padding per batch (right side); labels padded with IGNORE_INDEX so padding never counts."""
 
@@ -199,9 +204,7 @@ class PadToLongest:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        length = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         batch = {"input_ids": [], "labels": [], "attention_mask": []}
         for f in features:
             pad = length - len(f["input_ids"])

@@ -149,7 +149,7 @@ def score_loglik(
     order = sorted(range(len(examples)), key=lambda i: -max(len(sequences[2 * i][0]), len(sequences[2 * i + 1][0])))
     # A PEFT wrapper's forward takes **kwargs and passes them on; ask the model inside it.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # The class's forward: the answer-token loss's forward on the instance passes logits_to_keep on to it.
+    # The class's forward (the answer-token loss's adapter, common/engine/loss.py, takes it and passes it on).
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(type(inner).forward).parameters
     vocab_size = inner.get_output_embeddings().weight.shape[0]
     logits_bytes = LOGITS_BUDGET_BYTES if logits_bytes is None else logits_bytes  # None: the module's bound

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from common.checkpointing import GIB, LayerActivations
 from common.config import ConfigError, EngineArguments
+from common.engine.budget import LayerActivations
+from common.memory import GIB
 
 TRAINING_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8  # fp32 weight, gradient and AdamW's two moments
 EVAL_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 2  # a selection pass: the training state (gradients may still be held), bf16 copies
@@ -129,7 +130,7 @@ def fit_to_gpu(model, engine: EngineArguments, lengths: list[int], batch_size: i
 
     import torch
 
-    from common.checkpointing import decoder_layers, measure_layer_activations
+    from common.engine.budget import decoder_layers, measure_layer_activations
     from common.models import count_parameters
 
     sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"

@@ -11,6 +11,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
+from common.precision import Precision
 from common.training import build_training_arguments
 
 
@@ -22,12 +23,13 @@ def check_choice(option: str, value: str, choices: list[str]) -> None:
     raise ConfigError(f"{option} {value!r} is not one of the Trainer's choices ({hint})")
 
 
-def check_trainer_arguments(args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: Path) -> None:
+def check_trainer_arguments(args: ExperimentArguments, engine: EngineArguments, profile: Profile,
+                            precision: Precision, run_dir: Path) -> None:
     """The TrainingArguments and the optimizer class built now, as training will build them."""
     check_choice("--optim", engine.optim, [o.value for o in OptimizerNames])
     check_choice("--lr-scheduler-type", args.lr_scheduler_type, [s.value for s in SchedulerType])
     try:
-        training_args = build_training_arguments(args, engine, profile, str(run_dir))
+        training_args = build_training_arguments(args, engine, profile, precision, str(run_dir))
         Trainer.get_optimizer_cls_and_kwargs(training_args)  # a missing package (bitsandbytes, ...) shows here
     except (ValueError, ImportError) as err:
         raise ConfigError(f"the Trainer refuses these arguments: {str(err).strip().splitlines()[0]}") from err

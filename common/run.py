@@ -20,7 +20,6 @@ import torch
 
 from common import artifacts, distributed, hub, runlock
 from common.checkpoint_writer import CheckpointWriter, adam_moments, link_model_files
-from common.checkpointing import CheckpointBudget
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
 from common.data import (
     HUB_DATASET,
@@ -33,7 +32,9 @@ from common.data import (
 )
 from common.distributed import evaluate_on_all_ranks, is_main_process, one_gpu_unless_distributed, world_size
 from common.divergence import StopOnNonFiniteLoss
+from common.engine import Engine, apply_engine, usable_engine
 from common.evaluation import write_predictions
+from common.memory import torch_peak_memory
 from common.memory_plan import MemoryPlan, fit_to_gpu, planned_engine
 from common.models import (
     ModelLoadError,
@@ -44,22 +45,19 @@ from common.models import (
     load_tokenizer,
     resolve_model_argument,
 )
-from common.monitor import GpuMonitor, format_summary, torch_peak_memory
+from common.monitor import GpuMonitor, format_summary
 from common.phases import PhaseTimes, StartupClock
+from common.precision import Precision, resolve_precision
 from common.preflight import check_max_length, check_trainer_arguments
 from common.reporting import MetricsFile, environment, summary_table
 from common.rundir import RunDirError, check_disk, check_run_dir, clear_run_dir, directory_size_mib, first_free_dir
 from common.training import (
     PiqaTrainer,
-    autocast_dtype,
     build_training_arguments,
     check_visible_gpus,
     compute_device,
     configure_allocator,
     configure_ddp_communication,
-    install_checkpoint_budget,
-    install_kernels,
-    usable_engine,
 )
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError)
@@ -80,7 +78,7 @@ class Experiment:
     args: ExperimentArguments
     engine: EngineArguments  # as this hardware can run it (usable_engine)
     profile: Profile
-    autocast_dtype: torch.dtype | None  # the profile's precision for every forward pass outside the Trainer
+    precision: Precision  # the profile's, resolved once for this machine
     run_dir: Path
     data: ExperimentData
     tokenizer: Any
@@ -91,7 +89,7 @@ class Experiment:
     truncated: int  # training examples --max-length cut
     memory_plan: MemoryPlan | None  # the engine's memory settings as fitted to this GPU (None on a CPU)
     startup_s: dict  # set-up's parts, s (the rest of start-up is the interpreter and the imports)
-    checkpoint_budget: CheckpointBudget | None = None  # which layers each batch checkpoints (--activation-budget-gib)
+    step_engine: Engine | None = None  # the engine as applied to the model (common/engine/)
     writer: CheckpointWriter | None = None  # writes checkpoints in the background (None: the Trainer, in the foreground)
 
 
@@ -125,6 +123,7 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     distributed.init()
     args.micro_batch_size(engine, world_size())
     engine, notes = usable_engine(engine)
+    precision = resolve_precision(profile.precision)
     check_visible_gpus(user_visible_gpus)
     args.model, model_note = resolve_model_argument(args.model)
     run_dir, run_dir_note = choose_run_dir(args, profile)
@@ -134,7 +133,7 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     if is_main_process():
         runlock.acquire(run_dir)  # held until the run ends
     check_model_path(args.model)
-    check_trainer_arguments(args, engine, profile, run_dir)
+    check_trainer_arguments(args, engine, profile, precision, run_dir)
     if is_main_process():
         for note in notes:
             print(f"note: {note}")
@@ -158,15 +157,15 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     check_max_length(pairs, args.max_length)
     features, truncated = training_features(pairs, tokenizer.eos_token_id, args.max_length)
     clock.lap("tokenize")
-    install_kernels(model, engine)
+    step_engine = apply_engine(model, engine, precision, budget=False)  # the budget once the plan is known
     memory_plan = fit_to_gpu(model, engine, [len(f["input_ids"]) for f in features], args.batch_size, world_size())
     if memory_plan:
         engine = planned_engine(engine, memory_plan)
         if is_main_process():
             print(memory_plan.describe())
-    checkpoint_budget = install_checkpoint_budget(model, engine, autocast_dtype(profile))
-    if checkpoint_budget and is_main_process() and not args.eval_only:
-        print(checkpoint_budget.describe())
+    step_engine.fit(model, engine)
+    if step_engine.budget and is_main_process() and not args.eval_only:
+        print(step_engine.budget.describe())
     clock.lap("engine")
     disk_estimate = {}
     if not args.eval_only and not resume_from:
@@ -180,8 +179,8 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
         (run_dir / artifacts.CONFIG).write_text(json.dumps(resolved_config(args, engine, profile), indent=2) + "\n")
     distributed.barrier()
     clock.lap("disk_check_and_config")
-    return Experiment(args, engine, profile, autocast_dtype(profile), run_dir, data, tokenizer, model, resume_from,
-                      disk_estimate, features, truncated, memory_plan, clock.laps_s, checkpoint_budget, writer)
+    return Experiment(args, engine, profile, precision, run_dir, data, tokenizer, model, resume_from,
+                      disk_estimate, features, truncated, memory_plan, clock.laps_s, step_engine, writer)
 
 
 def choose_run_dir(args, profile: Profile) -> tuple[Path, str | None]:
@@ -221,9 +220,7 @@ def carry_out(experiment: Experiment) -> int:
             if not args.eval_only:
                 with torch_peak_memory("train", torch_peaks), phases.phase("train_steps"):
                     trainer = train(experiment, phases, metrics)
-                torch_peaks["train"] = trainer.peaks.training_peaks(torch_peaks["train"])
-                if torch_peaks["train"].get("max_allocated_mib") is not None:
-                    torch_peaks["select"] = trainer.peaks.select
+                trainer.peaks.fold_into_phases(torch_peaks)  # the selection passes apart from training
                 experiment.model = trainer.model
                 with torch_peak_memory("eval", torch_peaks, empty_cache=True), phases.phase("eval_fine_tuned"):
                     report_accuracy(experiment, "fine_tuned", metrics)
@@ -259,7 +256,7 @@ def run_record(experiment: Experiment) -> dict:
         "profile": experiment.profile.name,
         "settings": asdict(experiment.profile),
         "engine": asdict(experiment.engine),
-        "activation_checkpointing": experiment.checkpoint_budget.record() if experiment.checkpoint_budget else None,
+        "activation_checkpointing": budget.record() if (budget := experiment.step_engine.budget) else None,
         "memory_plan": experiment.memory_plan.record() if experiment.memory_plan else None,
         "model": experiment.args.model,
         "eval_only": experiment.args.eval_only,  # then the one evaluation, of --model, is under accuracy.zero_shot
@@ -279,7 +276,7 @@ def report_accuracy(experiment: Experiment, phase: str, metrics: MetricsFile) ->
     for method in methods:
         result = evaluate_on_all_ranks(
             experiment.model, experiment.tokenizer, experiment.data.report, method=method,
-            batch_size=args.eval_batch_size, autocast_dtype=experiment.autocast_dtype, progress=is_main_process(),
+            batch_size=args.eval_batch_size, autocast_dtype=experiment.precision.autocast_dtype, progress=is_main_process(),
             **eval_memory(experiment),
         )
         results[method] = result.metrics()
@@ -311,13 +308,13 @@ def train(experiment: Experiment, phases: PhaseTimes, metrics: MetricsFile) -> P
         print(f"note: --max-length {args.max_length} cut {truncated} of {len(features)} training examples")
     trainer = PiqaTrainer(
         model=experiment.model,
-        args=build_training_arguments(args, engine, experiment.profile, str(experiment.run_dir)),
+        args=build_training_arguments(args, engine, experiment.profile, experiment.precision, str(experiment.run_dir)),
         train_dataset=features,  # a list of dicts: datasets is needed only to read PIQA from the Hub
-        data_collator=PadToLongest(tokenizer.pad_token_id, engine.pad_to_multiple_of),
+        data_collator=experiment.step_engine.collator(PadToLongest(tokenizer.pad_token_id, engine.pad_to_multiple_of)),
+        engine=experiment.step_engine,
         processing_class=tokenizer,
         eval_dataset=experiment.data.selection,
         eval_batch_size=args.eval_batch_size,
-        eval_autocast_dtype=experiment.autocast_dtype,
         eval_options=eval_memory(experiment),
         phases=phases,
         writer=experiment.writer,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from common import artifacts
 from common.config import Profile
-
-GIB = 1024**3
+from common.memory import GIB, MIB
 
 
 class RunDirError(RuntimeError):
@@ -161,10 +160,10 @@ def check_disk(run_dir: Path, parameter_count: int, profile: Profile, optim: str
 
 def readable_size(size_bytes: int) -> str:
     """GiB, or MiB below one GiB (a small model's 1.2 MiB is not "0.0 GiB")."""
-    return f"{size_bytes / GIB:.1f} GiB" if size_bytes >= GIB else f"{size_bytes / 2**20:.1f} MiB"
+    return f"{size_bytes / GIB:.1f} GiB" if size_bytes >= GIB else f"{size_bytes / MIB:.1f} MiB"
 
 
 def directory_size_mib(path: Path) -> float:
     if not path.exists():
         return 0.0
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MIB

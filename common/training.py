@@ -1,11 +1,9 @@
-"""The experiment, the engine and a Profile as TrainingArguments and torch switches; a Trainer whose evaluation is
-PIQA accuracy."""
+"""The experiment, the engine and a Profile (its precision resolved: common/precision.py) as TrainingArguments; the
+allocator's settings; a Trainer (the engine's, common/engine/) whose evaluation is PIQA accuracy."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -16,25 +14,14 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from common import artifacts, distributed
 from common.checkpoint_writer import CheckpointWriter, staging_dir
-from common.checkpointing import CheckpointBudget, budget_checkpointing
 from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile
 from common.distributed import evaluate_on_all_ranks, world_size
-from common.kernels import use_fused_rms_norm
-from common.loss import decoder_positions, use_answer_token_loss
+from common.engine import EngineTrainer, liger_kernel_config
+from common.memory import GIB, MIB, SelectionPeaks, allocated_bytes
 from common.phases import PhaseTimes
+from common.precision import Precision
 
 SELECTION_METRIC = "accuracy"  # Trainer logs it as eval_accuracy: loglik acc on the selection slice, in %
-
-
-def mixed_precision_dtype() -> torch.dtype:
-    """bf16 where the hardware has it (any CUDA GPU from Ampere on, and CPUs); fp16 + GradScaler otherwise."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
-def autocast_dtype(profile: Profile) -> torch.dtype | None:
-    return mixed_precision_dtype() if profile.precision == "mixed" else None
 
 
 def check_visible_gpus(visible: str | None) -> None:
@@ -56,10 +43,10 @@ def configure_allocator(engine: EngineArguments) -> None:
     if engine.gpu_memory_gib is not None and torch.cuda.is_available():
         device = compute_device()
         total_bytes = torch.cuda.get_device_properties(device).total_memory
-        if engine.gpu_memory_gib * 2**30 > total_bytes:
+        if engine.gpu_memory_gib * GIB > total_bytes:
             raise ConfigError(f"--gpu-memory-gib {engine.gpu_memory_gib:g} is more than this GPU's "
-                              f"{total_bytes / 2**30:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(engine.gpu_memory_gib * 2**30 / total_bytes, device)
+                              f"{total_bytes / GIB:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(engine.gpu_memory_gib * GIB / total_bytes, device)
 
 
 def compute_device() -> torch.device:
@@ -69,72 +56,18 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def usable_engine(engine: EngineArguments) -> tuple[EngineArguments, list[str]]:
-    """The engine as it can run here, and a note for each setting this hardware turns off (said once, in the log).
-    Liger's kernels are Triton code: they need a CUDA GPU and the liger-kernel package."""
-    notes = []
-    if engine.liger and not torch.cuda.is_available():
-        notes.append("Liger kernels are off: they need a CUDA GPU (Triton); the run uses PyTorch's kernels")
-    elif engine.liger and importlib.util.find_spec("liger_kernel") is None:
-        notes.append("Liger kernels are off: liger-kernel is not installed (pip install liger-kernel)")
-    if notes:
-        engine = dataclasses.replace(engine, liger=False)
-        if engine.loss == "liger-fused":
-            notes.append("Liger's fused loss is off with it: the loss projects the answer tokens only (answer-chunks)")
-            engine = dataclasses.replace(engine, loss="answer-chunks")
-    return engine, notes
-
-
-def apply_engine_to_model(model: torch.nn.Module, engine: EngineArguments,
-                          autocast: torch.dtype | None = None) -> CheckpointBudget | None:
-    """The engine's torch switches and kernels, set once before the first evaluation, so that the zero-shot and
-    fine-tuned evaluations (and an --eval-only run) use what training uses. `engine` must come from usable_engine;
-    `autocast` is the profile's (autocast_dtype). (The Trainer patches Liger in again when it is built; patching
-    twice is harmless.) Returns the per-batch checkpointing choice, where the engine checkpoints within a budget."""
-    install_kernels(model, engine)
-    return install_checkpoint_budget(model, engine, autocast)
-
-
-def install_kernels(model: torch.nn.Module, engine: EngineArguments) -> None:
-    """The engine's torch switches, kernels and loss (apply_engine_to_model's first half)."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(engine.cudnn_attention)
-    if engine.liger:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what the Trainer calls
-
-        _apply_liger_kernel_to_instance(model=model, **liger_kernel_config(engine))
-    use_fused_rms_norm(model)
-    if engine.loss == "answer-chunks":
-        use_answer_token_loss(model, engine.pad_to_multiple_of)
-
-
-def install_checkpoint_budget(model: torch.nn.Module, engine: EngineArguments,
-                              autocast: torch.dtype | None) -> CheckpointBudget | None:
-    """The per-batch checkpointing choice within --activation-budget-gib (apply_engine_to_model's second half)."""
-    if engine.gradient_checkpointing and engine.activation_budget_gib > 0:
-        positions_of = functools.partial(decoder_positions, model) if engine.loss == "answer-chunks" else None
-        return budget_checkpointing(model, engine.activation_budget_gib, autocast, positions_of)
-    return None
-
-
-def liger_kernel_config(engine: EngineArguments) -> dict[str, bool]:
-    """Which of Liger's kernels the engine uses: SwiGLU and RoPE, and its fused loss with --loss liger-fused.
-    (RMSNorm is PyTorch's fused kernel: common/kernels.py.)"""
-    return {"rope": True, "rms_norm": False, "swiglu": True, "cross_entropy": False,
-            "fused_linear_cross_entropy": engine.loss == "liger-fused"}
-
-
 def build_training_arguments(
-    args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: str
+    args: ExperimentArguments, engine: EngineArguments, profile: Profile, precision: Precision, run_dir: str
 ) -> TrainingArguments:
-    return TrainingArguments(**training_argument_values(args, engine, profile, run_dir, torch.cuda.is_available()))
+    return TrainingArguments(**training_argument_values(args, engine, profile, precision, run_dir))
 
 
 def training_argument_values(
-    args: ExperimentArguments, engine: EngineArguments, profile: Profile, run_dir: str, on_cuda: bool
+    args: ExperimentArguments, engine: EngineArguments, profile: Profile, precision: Precision, run_dir: str
 ) -> dict:
-    """The one place where the experiment, the engine and the profile become TrainingArguments' values."""
-    half = autocast_dtype(profile)
+    """The one place where the experiment, the engine and the profile (its precision resolved for this machine)
+    become TrainingArguments' values."""
+    on_cuda = precision.on_cuda
     return dict(
         output_dir=run_dir,
         # The experiment: identical in both runs.
@@ -170,9 +103,7 @@ def training_argument_values(
         ddp_bucket_cap_mb=engine.ddp_bucket_cap_mb,
         ddp_static_graph=engine.ddp_static_graph,
         # The profile: what the two scripts compare.
-        bf16=half == torch.bfloat16,
-        fp16=half == torch.float16,
-        tf32=False if on_cuda and half is None else None,  # "standard" fp32: no TF32 matmuls in baseline
+        **precision.trainer_flags(),  # fp32: no TF32 matmuls either
         save_total_limit=profile.save_total_limit,
         load_best_model_at_end=profile.load_best_model_at_end,
         metric_for_best_model=SELECTION_METRIC if profile.load_best_model_at_end else None,
@@ -198,35 +129,10 @@ def checkpointing_arguments(enabled: bool) -> dict:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-class SelectionPeaks:
-    """Torch allocator peaks of training, with the per-epoch selection evaluations measured apart (MiB).
-
-    Without this the training peak would be the selection pass's, whose full-vocabulary logits can exceed it.
-    """
-
-    def __init__(self) -> None:
-        self.train = {"max_allocated_mib": 0.0, "max_reserved_mib": 0.0}
-        self.select = {"max_allocated_mib": 0.0, "max_reserved_mib": 0.0}
-
-    def _fold_into(self, peaks: dict) -> None:
-        if torch.cuda.is_available():
-            peaks["max_allocated_mib"] = max(peaks["max_allocated_mib"], torch.cuda.max_memory_allocated() / 2**20)
-            peaks["max_reserved_mib"] = max(peaks["max_reserved_mib"], torch.cuda.max_memory_reserved() / 2**20)
-            torch.cuda.reset_peak_memory_stats()
-
-    def begin_selection(self) -> None:
-        self._fold_into(self.train)
-
-    def end_selection(self) -> None:
-        self._fold_into(self.select)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the selection pass's cached blocks back, so NVML's training figure is training's
-
-    def training_peaks(self, since_last_selection: dict) -> dict:
-        """Combine with the peaks recorded after the last selection pass."""
-        if since_last_selection.get("max_allocated_mib") is None:
-            return since_last_selection
-        return {k: max(v, since_last_selection[k]) for k, v in self.train.items()}
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing enabled as the Trainer enables it from checkpointing_arguments (outside a Trainer)."""
+    (name, _), (_, kwargs) = checkpointing_arguments(True).items()
+    getattr(model, f"{name}_enable")(**{f"{name}_kwargs": kwargs})
 
 
 class FirstStepMemory(TrainerCallback):
@@ -237,8 +143,9 @@ class FirstStepMemory(TrainerCallback):
         self.allocated_mib: dict[str, float] = {}
 
     def _record(self, moment: str) -> None:
-        if torch.cuda.is_available() and moment not in self.allocated_mib:
-            self.allocated_mib[moment] = torch.cuda.memory_allocated() / 2**20
+        allocated = allocated_bytes()
+        if allocated is not None and moment not in self.allocated_mib:
+            self.allocated_mib[moment] = allocated / MIB
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._record("before_first_step")
@@ -250,7 +157,7 @@ class FirstStepMemory(TrainerCallback):
         self._record("after_first_optimizer_step")
 
 
-class PiqaTrainer(Trainer):
+class PiqaTrainer(EngineTrainer):
     """The Trainer, with `evaluate()` measuring PIQA accuracy (log-likelihood method) on its `eval_dataset`:
     the selection slice, a list of PiqaExample held out from the training data; checkpoints written in the
     background (common/checkpoint_writer.py); each phase's time charged to `phases`.
@@ -259,12 +166,11 @@ class PiqaTrainer(Trainer):
     validation examples never pass through here.
     """
 
-    def __init__(self, *args, eval_batch_size: int, eval_autocast_dtype: torch.dtype | None, phases: PhaseTimes,
-                 writer: CheckpointWriter | None = None, eval_options: dict | None = None, **kwargs):
+    def __init__(self, *args, eval_batch_size: int, phases: PhaseTimes, writer: CheckpointWriter | None = None,
+                 eval_options: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.selection_batch_size = eval_batch_size
         self.eval_options = eval_options or {}  # the evaluation's memory bound (common/memory_plan.py)
-        self.eval_autocast_dtype = eval_autocast_dtype
         self.phases = phases
         self.peaks = SelectionPeaks()
         self.writer = writer  # None: the Trainer's own checkpoint saving, on the training thread
@@ -323,7 +229,7 @@ class PiqaTrainer(Trainer):
                     eval_dataset if eval_dataset is not None else self.eval_dataset,
                     method="loglik",
                     batch_size=self.selection_batch_size,
-                    autocast_dtype=self.eval_autocast_dtype,
+                    autocast_dtype=self.engine.precision.autocast_dtype,
                     **self.eval_options,
                 )
         finally:

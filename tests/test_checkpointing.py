@@ -4,15 +4,10 @@ and the gradients are those of checkpointing every layer."""
 import pytest
 import torch
 
-from common.checkpointing import GIB, CheckpointBudget, LayerActivations, budget_checkpointing, decoder_layers
+from common.engine.budget import ActivationBudget, LayerActivations, activation_budget, decoder_layers
+from common.memory import GIB
 from common.models import load_model, load_tokenizer
-from common.training import checkpointing_arguments
-
-
-def enable_checkpointing(model):
-    """What the Trainer calls, with the arguments a run gives it (transformers 5.2x renamed both)."""
-    (name, _), (_, kwargs) = checkpointing_arguments(True).items()
-    getattr(model, f"{name}_enable")(**{f"{name}_kwargs": kwargs})
+from common.training import enable_checkpointing  # what the Trainer calls, with the arguments a run gives it
 
 
 def tiny_model():
@@ -26,12 +21,12 @@ def test_the_probe_measures_what_a_layer_keeps_and_leaves_the_model_as_it_was():
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    budget = budget_checkpointing(model, 1.0, None)
+    budget = activation_budget(model, 1.0, None)
     hidden = model.config.hidden_size
     assert budget.activations.checkpointed_bytes == 4 * hidden  # a float32 layer input per position
     # a layer keeps at least its input, its attention's q, k, v and output and its MLP's two intermediate tensors
     assert budget.activations.kept_bytes > 4 * (hidden * 5 + 2 * model.config.intermediate_size)
-    half = budget_checkpointing(tiny_model(), 1.0, torch.bfloat16).activations
+    half = activation_budget(tiny_model(), 1.0, torch.bfloat16).activations
     assert half.kept_bytes < budget.activations.kept_bytes  # bf16 autocast keeps its matmuls' operands in 2 bytes
     assert not model.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
@@ -40,7 +35,7 @@ def test_the_probe_measures_what_a_layer_keeps_and_leaves_the_model_as_it_was():
 
 def test_layers_kept_shrink_as_batches_grow_until_every_layer_is_checkpointed():
     layers = [torch.nn.Linear(1, 1) for _ in range(16)]
-    budget = CheckpointBudget(layers, LayerActivations(kept_bytes=90_000, checkpointed_bytes=8_192), 6 * GIB)
+    budget = ActivationBudget(layers, LayerActivations(kept_bytes=90_000, checkpointed_bytes=8_192), 6 * GIB)
     kept = [budget.layers_kept(p) for p in (100, 2_000, 5_000, 6_000, 20_000, 31_000, 10**6)]
     assert kept == sorted(kept, reverse=True) and kept[0] == 16 and kept[-1] == 0
     for positions, k in zip((100, 2_000, 5_000, 6_000, 20_000, 31_000), kept):
@@ -59,12 +54,13 @@ def test_gradients_equal_those_of_checkpointing_every_layer(kept_layers):
     def train_step(kept_layers):
         model = tiny_model()
         model.train()
+        enable_checkpointing(model)
         if kept_layers is not None:
-            budget = budget_checkpointing(model, 1.0, None)
+            budget = activation_budget(model, 1.0, None)
             a, n = budget.activations, len(budget.layers)
             budget.budget_bytes = input_ids.numel() * (kept_layers * a.kept_bytes + (n - kept_layers) * a.checkpointed_bytes)
             assert budget.layers_kept(input_ids.numel()) == kept_layers
-        enable_checkpointing(model)
+            budget.choose(input_ids.numel())  # what the engine does before a training forward
         model(input_ids=input_ids, labels=input_ids).loss.backward()
         flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
         return {n: p.grad for n, p in model.named_parameters()}, flags
@@ -83,7 +79,7 @@ def test_the_probe_leaves_nothing_allocated(autocast):
     the bf16 copies of every weight with it: 2.3 GiB for the 1B model, measured on the H200)."""
     import gc
 
-    from common.checkpointing import measure_layer_activations
+    from common.engine.budget import measure_layer_activations
 
     model = tiny_model()
 
@@ -101,13 +97,15 @@ def test_the_engine_with_the_length_split_and_the_budget_has_the_models_own_grad
     """The engine as a run sets it up (answer-token loss, checkpointing within a budget), on a batch that the loss
     splits into two decoder passes and the budget checkpoints one of two layers for: the model's own loss and
     gradients, computed by its own forward with every activation kept."""
-    from common import loss as loss_module
     from common.config import EngineArguments
     from common.data import IGNORE_INDEX
-    from common.training import apply_engine_to_model
+    from common.engine import apply_engine
+    from common.engine import plan as plan_module
+    from common.engine.plan import plan_batch
+    from common.precision import resolve_precision
 
-    monkeypatch.setattr(loss_module, "SPLIT_COST_POSITIONS", 16)  # the smoke model's short rows: worth a split
-    monkeypatch.setattr(loss_module, "GROUP_ROWS", 2)
+    monkeypatch.setattr(plan_module, "SPLIT_COST_POSITIONS", 16)  # the smoke model's short rows: worth a split
+    monkeypatch.setattr(plan_module, "GROUP_ROWS", 2)
     lengths = [30] * 2 + [8] * 14
     input_ids = torch.randint(5, 200, (16, 30), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.tensor([[1] * n + [0] * (30 - n) for n in lengths])
@@ -117,19 +115,24 @@ def test_the_engine_with_the_length_split_and_the_budget_has_the_models_own_grad
               "num_items_in_batch": 2 * labels[:, 1:].ne(IGNORE_INDEX).sum()}  # half of a two-batch step
 
     own, engine = tiny_model(), tiny_model()
-    budget = apply_engine_to_model(engine, EngineArguments(liger=False, activation_budget_gib=1.0), half)
+    applied = apply_engine(engine, EngineArguments(liger=False, activation_budget_gib=1.0),
+                           resolve_precision("mixed" if half else "fp32", on_cuda=False))
+    budget = applied.budget
     enable_checkpointing(engine)
     a, positions = budget.activations, 2 * 30 + 14 * 8  # the split's positions, not the batch's 16 x 30
     budget.budget_bytes = positions * (a.kept_bytes + a.checkpointed_bytes)  # one layer kept, one checkpointed
     passes = []
-    engine.get_decoder().register_forward_pre_hook(  # after the budget's hook: what each pass runs with
+    engine.get_decoder().register_forward_pre_hook(  # what each decoder pass runs with
         lambda module, args: passes.append([layer.gradient_checkpointing for layer in decoder_layers(engine)]))
 
     losses = []
     for model in (own, engine):
         model.train()
         with torch.autocast("cpu", dtype=half, enabled=half is not None):
-            loss = model(**inputs).loss
+            if model is engine:  # as EngineTrainer calls it, with the collator's plan
+                loss = model(**applied.before_forward(model, {**inputs, "plan": plan_batch(attention_mask, labels)})).loss
+            else:
+                loss = model(**inputs).loss
         loss.backward()
         losses.append(loss.item())
     assert passes == [[True, False], [True, False]]  # two length groups, each with the first layer checkpointed

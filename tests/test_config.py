@@ -21,7 +21,8 @@ from common.config import (
     redact,
     resolved_config,
 )
-from common.training import autocast_dtype, build_training_arguments, training_argument_values
+from common.precision import resolve_precision
+from common.training import build_training_arguments, training_argument_values
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +58,8 @@ def test_engine_settings_are_flags_shared_by_both_scripts(tmp_path):
     args, engine = parse_arguments(["--smoke", "--gradient-accumulation-steps", "4", "--no-liger",
                                     "--optim", "adamw_torch", "--train-sampling-strategy", "random"])
     assert (engine.gradient_accumulation_steps, engine.liger, engine.optim) == (4, False, "adamw_torch")
-    a = build_training_arguments(args, engine, profiles.BASELINE, str(tmp_path))
-    b = build_training_arguments(args, engine, profiles.MODIFIED, str(tmp_path))
+    a = build_training_arguments(args, engine, profiles.BASELINE, resolve_precision("fp32"), str(tmp_path))
+    b = build_training_arguments(args, engine, profiles.MODIFIED, resolve_precision("mixed"), str(tmp_path))
     profile_fields = {"bf16", "fp16", "tf32", "save_total_limit", "load_best_model_at_end", "metric_for_best_model",
                       "greater_is_better", "dataloader_pin_memory"}
     differing = {f.name for f in dataclasses.fields(a) if f.name not in profile_fields
@@ -81,13 +82,14 @@ def test_engine_defaults_are_one_micro_batch_grouped_liger_and_fused_adamw():
 def test_precision_and_pinned_memory_reach_the_training_arguments(tmp_path):
     """From each script's profile to what the Trainer and torch are given."""
     args, engine = parse_arguments(["--smoke"])
-    fp32 = build_training_arguments(args, engine, baseline.PROFILE, str(tmp_path))
-    mixed = build_training_arguments(args, engine, modified.PROFILE, str(tmp_path))
+    fp32 = build_training_arguments(args, engine, baseline.PROFILE, resolve_precision("fp32"), str(tmp_path))
+    mixed = build_training_arguments(args, engine, modified.PROFILE, resolve_precision("mixed"), str(tmp_path))
     assert not fp32.bf16 and not fp32.fp16 and mixed.bf16 and not mixed.fp16  # bf16 autocast on the CPU
-    assert autocast_dtype(baseline.PROFILE) is None and autocast_dtype(modified.PROFILE) == torch.bfloat16
+    assert resolve_precision(baseline.PROFILE.precision).autocast_dtype is None
+    assert resolve_precision(modified.PROFILE.precision).autocast_dtype == torch.bfloat16
     assert not fp32.dataloader_pin_memory and not mixed.dataloader_pin_memory  # pinning needs CUDA
-    on_gpu = [training_argument_values(args, engine, p, str(tmp_path), on_cuda=True) for p in (baseline.PROFILE,
-                                                                                               modified.PROFILE)]
+    on_gpu = [training_argument_values(args, engine, p, resolve_precision(p.precision, on_cuda=True), str(tmp_path))
+              for p in (baseline.PROFILE, modified.PROFILE)]
     assert [v["dataloader_pin_memory"] for v in on_gpu] == [False, True]
     assert [v["tf32"] for v in on_gpu] == [False, None]  # fp32 means no TF32 matmuls; mixed leaves torch's default
     assert fp32.save_total_limit is None and mixed.save_total_limit == 1

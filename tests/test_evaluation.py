@@ -271,11 +271,11 @@ def test_bad_arguments(model, tokenizer):
 
 
 def test_the_answer_token_loss_leaves_evaluation_its_logits_to_keep(monkeypatch):
-    """The loss's forward on the instance hides the model's signature; evaluation must still ask for the answer
+    """The loss's adapter forward stands before the model's own; evaluation must still ask for the answer
     positions' logits only (without it, every position's logits: the 22 GiB card's zero-shot pass ran out)."""
     import functools
 
-    from common.loss import use_answer_token_loss
+    from common.engine.loss import use_answer_token_loss
     from common.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer("smoke")

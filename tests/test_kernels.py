@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from common.kernels import use_fused_rms_norm
+from common.engine.kernels import use_fused_rms_norm
 from common.models import load_model, load_tokenizer
 
 
@@ -14,10 +14,12 @@ def test_fused_rms_norm_equals_the_modules_own(half):
     own = LlamaRMSNorm(64, eps=1e-5)
     with torch.no_grad():
         own.weight.uniform_(0.5, 1.5)
-    fused = LlamaRMSNorm(64, eps=1e-5)
-    fused.load_state_dict(own.state_dict())
-    holder = torch.nn.Sequential(fused)
+    copy = LlamaRMSNorm(64, eps=1e-5)
+    copy.load_state_dict(own.state_dict())
+    holder = torch.nn.Sequential(copy)
     assert use_fused_rms_norm(holder) == 1
+    fused = holder[0]
+    assert fused.weight is copy.weight and set(holder.state_dict()) == {"0.weight"}  # the same parameter and key
     x = torch.randn(3, 7, 64, requires_grad=True)
     outputs = []
     for module in (own, fused):
@@ -33,7 +35,7 @@ def test_fused_rms_norm_equals_the_modules_own(half):
     torch.testing.assert_close(fused(bf16_input), own(bf16_input))
 
 
-def test_every_rms_norm_of_a_llama_model_is_rebound():
+def test_every_rms_norm_of_a_llama_model_is_replaced():
     model = load_model("smoke", load_tokenizer("smoke"))
     expected = 2 * model.config.num_hidden_layers + 1
     assert use_fused_rms_norm(model) == expected

@@ -33,3 +33,13 @@ def test_common_imports_nothing_from_tools():
         for path in sorted((ROOT / "common").rglob("*.py"))
     }
     assert not {path: modules for path, modules in offenders.items() if modules}
+
+
+def test_the_engine_is_small_files_and_rebinds_nothing_on_a_model():
+    """common/engine/: each file one job, under 200 lines; nowhere in common/ a method bound onto an instance or
+    state cached on the model."""
+    for path in (ROOT / "common" / "engine").glob("*.py"):
+        assert len(path.read_text(encoding="utf-8").splitlines()) < 200, path.name
+    for path in (ROOT / "common").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "MethodType" not in text and "model._" not in text, path.relative_to(ROOT)

@@ -1,4 +1,4 @@
-"""The answer-token loss (common/loss.py) is the model's own loss, value and gradients, computed with less work."""
+"""The answer-token loss (common/engine/loss.py) is the model's own loss, value and gradients, computed with less work."""
 
 import copy
 
@@ -7,7 +7,9 @@ import torch
 
 from common.config import ConfigError, EngineArguments
 from common.data import IGNORE_INDEX
-from common.loss import answer_token_loss, use_answer_token_loss
+from common.engine import plan as plan_module
+from common.engine.loss import answer_token_loss, use_answer_token_loss
+from common.engine.plan import plan_batch
 from common.models import load_model, load_tokenizer
 
 
@@ -103,7 +105,7 @@ def test_liger_fused_loss_needs_liger():
 
 
 def test_length_groups_cut_the_padding_of_batches_whose_rows_differ_much():
-    from common.loss import length_groups
+    from common.engine.plan import length_groups
 
     similar = [40] * 120 + [44] * 8
     assert length_groups(similar) == [(sorted(range(128), key=lambda r: -similar[r]), 44)]  # not worth a pass
@@ -118,8 +120,6 @@ def test_length_groups_cut_the_padding_of_batches_whose_rows_differ_much():
 @pytest.mark.parametrize("half", [None, torch.bfloat16])
 def test_a_batch_split_by_length_has_the_loss_and_gradients_of_the_whole(models, half, monkeypatch):
     """The same rows in two decoder passes, each padded to its own longest: the same loss, the same gradients."""
-    from common import loss as loss_module
-
     own, answers = models
     generator = torch.Generator().manual_seed(1)
     lengths = [30] * 2 + [8] * 14
@@ -128,10 +128,10 @@ def test_a_batch_split_by_length_has_the_loss_and_gradients_of_the_whole(models,
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     labels[:, :4] = IGNORE_INDEX
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    monkeypatch.setattr(loss_module, "SPLIT_COST_POSITIONS", 16)
-    monkeypatch.setattr(loss_module, "GROUP_ROWS", 2)
-    assert [len(rows) for rows, _ in loss_module.right_padded_groups(attention_mask)] == [2, 14]
-    assert loss_module.decoder_positions(answers, inputs) == 2 * 30 + 14 * 8
+    monkeypatch.setattr(plan_module, "SPLIT_COST_POSITIONS", 16)
+    monkeypatch.setattr(plan_module, "GROUP_ROWS", 2)
+    assert [len(rows) for rows, _ in plan_module.right_padded_groups(attention_mask)] == [2, 14]
+    assert plan_batch(attention_mask, labels).decoder_positions == 2 * 30 + 14 * 8
     losses = []
     for model in (own, answers):
         model.zero_grad()
@@ -147,24 +147,28 @@ def test_a_batch_split_by_length_has_the_loss_and_gradients_of_the_whole(models,
             assert torch.linalg.vector_norm(p_answers.grad - p_own.grad) <= 0.05 * torch.linalg.vector_norm(p_own.grad)
 
 
-def test_a_sharded_model_runs_its_batches_whole(models):
+def test_a_sharded_model_runs_its_batches_whole(monkeypatch):
     """Under FSDP each pass through a layer gathers its parameters again: no split, and the checkpointing budget
     counts the whole batch."""
-    from common import loss as loss_module
+    import common.engine
+    from common.config import EngineArguments
+    from common.precision import resolve_precision
 
-    _, answers = models
-    sharded = copy.deepcopy(answers)
-    sharded._answer_loss_sharded = True  # what _sharded finds on a model that FSDP wrapped
     lengths = [240] * 16 + [60] * 112
-    inputs = {"input_ids": torch.zeros(128, 240, dtype=torch.long),
-              "attention_mask": torch.tensor([[1] * n + [0] * (240 - n) for n in lengths])}
-    assert loss_module.decoder_positions(answers, inputs) == 16 * 240 + 112 * 60
-    assert loss_module.decoder_positions(sharded, inputs) == 128 * 240
+    mask = torch.tensor([[1] * n + [0] * (240 - n) for n in lengths])
+    inputs = {"input_ids": torch.zeros(128, 240, dtype=torch.long), "attention_mask": mask,
+              "labels": mask.masked_fill(mask == 0, IGNORE_INDEX), "plan": plan_batch(mask, mask)}
+    assert inputs["plan"].decoder_positions == 16 * 240 + 112 * 60
+    engine = common.engine.Engine(EngineArguments(), resolve_precision("fp32", on_cuda=False))
+    model = torch.nn.Linear(1, 1)
+    assert engine.before_forward(model, inputs)["plan"] is inputs["plan"]
+    monkeypatch.setattr(common.engine, "_sharded", lambda model: True)  # what it finds in a model FSDP wrapped
+    assert engine.before_forward(model, inputs)["plan"].decoder_positions == 128 * 240
 
 
 def test_length_groups_keep_the_padding_multiple():
     """With --pad-to-multiple-of, each group is padded to a multiple of it too (never past the batch's width)."""
-    from common.loss import right_padded_groups
+    from common.engine.plan import right_padded_groups
 
     lengths = [61] * 112 + [237] * 16
     mask = torch.tensor([[1] * n + [0] * (240 - n) for n in lengths])
@@ -173,20 +177,21 @@ def test_length_groups_keep_the_padding_multiple():
     assert [length for _, length in right_padded_groups(mask, 128)] == [240, 128]
 
 
-def test_a_batch_is_grouped_once_for_the_budget_and_the_loss(models, monkeypatch):
-    """The checkpointing budget's hook and the loss read the same batch's groups: the mask goes to the host once."""
-    from common import loss as loss_module
+def test_a_batch_is_grouped_once_on_the_host_when_collated(models, monkeypatch):
+    """The collator makes the batch's plan; the forward follows it and groups nothing itself."""
+    from common.data import PadToLongest
+    from common.engine.plan import PlannedCollator
 
     _, answers = models
     calls = []
-    original = loss_module.right_padded_groups
-    monkeypatch.setattr(loss_module, "right_padded_groups", lambda *a: calls.append(1) or original(*a))
-    inputs = batch()
-    loss_module.decoder_positions(answers, inputs)
-    answers(**inputs).loss.backward()
+    original = plan_module.right_padded_groups
+    monkeypatch.setattr(plan_module, "right_padded_groups", lambda *a: calls.append(1) or original(*a))
+    features = [{"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * 3 + list(range(8, 5 + n))}
+                for n in (12, 9, 20, 7)]
+    batch = PlannedCollator(PadToLongest(0))(features)
+    assert len(calls) == 1 and batch["plan"].decoder_positions == 4 * 20
+    answers(**batch).loss.backward()
     assert len(calls) == 1
-    answers(**batch())  # a new batch: grouped anew
-    assert len(calls) == 2
 
 
 def test_answer_positions_given_by_the_caller_give_the_same_loss():
@@ -200,3 +205,34 @@ def test_answer_positions_given_by_the_caller_give_the_same_loss():
     assert answer_token_loss(hidden, weight, labels, answers=answers).item() == expected.item()
     assert answer_token_loss(hidden, weight, labels, chunk_bytes=4 * 50 * 7, answers=answers).item() == \
         pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_models_own_loss_gets_the_batch_without_its_plan(models):
+    """--loss full-logits: the collator's plan is for the activation budget only; the model's forward never sees it,
+    and its plan is one pass (only the answer-token loss splits a batch)."""
+    from common.config import EngineArguments
+    from common.data import PadToLongest
+    from common.engine import Engine
+    from common.precision import resolve_precision
+
+    own, _ = models
+    engine = Engine(EngineArguments(loss="full-logits"), resolve_precision("fp32", on_cuda=False))
+    features = [{"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * 3 + list(range(8, 5 + n))}
+                for n in [40] * 2 + [6] * 30]
+    batch = engine.collator(PadToLongest(0))(features)
+    assert len(batch["plan"].passes) == 1 and batch["plan"].decoder_positions == 32 * 40
+    inputs = engine.before_forward(own, batch)
+    assert "plan" not in inputs and own(**inputs).loss.isfinite()
+
+
+def test_the_plan_stays_on_the_host_through_accelerate_and_ddp():
+    """accelerate's send_to_device and DDP's input copy move tensors, dataclasses and tuples to the GPU; the plan is
+    none of them, so its index tensors reach the forward as the collator made them (pinned on a GPU machine)."""
+    from accelerate.utils import send_to_device
+    from torch.distributed.utils import _recursive_to
+
+    mask = torch.tensor([[1] * n + [0] * (30 - n) for n in [30] * 2 + [8] * 14])
+    plan = plan_batch(mask, mask)
+    batch = {"attention_mask": mask, "plan": plan}
+    assert send_to_device(batch, "cpu")["plan"] is plan
+    assert _recursive_to(((), batch), torch.device("cpu"), False)[0][1]["plan"] is plan

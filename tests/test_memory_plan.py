@@ -3,8 +3,8 @@ an error before training where nothing fits (common/memory_plan.py)."""
 
 import pytest
 
-from common.checkpointing import LayerActivations
 from common.config import ConfigError, EngineArguments
+from common.engine.budget import LayerActivations
 from common.memory_plan import GIB, longest_micro_batch_positions, plan_memory
 
 PARAMETERS = 1_235_814_400  # Llama-3.2-1B

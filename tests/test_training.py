@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.training import SelectionPeaks
+from common.memory import SelectionPeaks
 
 
 def test_selection_peaks_are_kept_apart_from_training(monkeypatch):
@@ -42,8 +42,9 @@ def test_engine_kernels_are_patched_in_before_any_evaluation(monkeypatch):
     import sys
     import types
 
-    from common import training
+    from common import engine as engine_module
     from common.config import EngineArguments
+    from common.precision import resolve_precision
 
     calls = []
     fake = types.ModuleType("liger_kernel.transformers")
@@ -51,19 +52,20 @@ def test_engine_kernels_are_patched_in_before_any_evaluation(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
     model = torch.nn.Linear(2, 2)  # no decoder: the model's own loss (--loss full-logits) leaves its forward alone
 
-    training.apply_engine_to_model(model, EngineArguments(liger=False, loss="full-logits"))
+    fp32 = resolve_precision("fp32")
+    engine_module.apply_engine(model, EngineArguments(liger=False, loss="full-logits"), fp32)
     assert calls == []
-    training.apply_engine_to_model(model, EngineArguments(liger=True, loss="full-logits"))
-    training.apply_engine_to_model(model, EngineArguments(liger=True, loss="liger-fused"))
+    engine_module.apply_engine(model, EngineArguments(liger=True, loss="full-logits"), fp32)
+    engine_module.apply_engine(model, EngineArguments(liger=True, loss="liger-fused"), fp32)
     assert [m for m, _ in calls] == [model, model]
     assert [k["fused_linear_cross_entropy"] for _, k in calls] == [False, True]
     assert all(k["swiglu"] and k["rope"] and not k["rms_norm"] and not k["cross_entropy"] for _, k in calls)
 
-    usable, notes = training.usable_engine(EngineArguments(liger=True))  # this machine has no CUDA
+    usable, notes = engine_module.usable_engine(EngineArguments(liger=True))  # this machine has no CUDA
     assert not usable.liger and len(notes) == 1 and "CUDA" in notes[0]
     assert usable == dataclasses.replace(EngineArguments(), liger=False)
-    assert training.usable_engine(EngineArguments(liger=False)) == (EngineArguments(liger=False), [])
-    usable, notes = training.usable_engine(EngineArguments(liger=True, loss="liger-fused"))
+    assert engine_module.usable_engine(EngineArguments(liger=False)) == (EngineArguments(liger=False), [])
+    usable, notes = engine_module.usable_engine(EngineArguments(liger=True, loss="liger-fused"))
     assert (usable.liger, usable.loss) == (False, "answer-chunks") and "fused loss" in notes[1]
 
 

@@ -20,11 +20,12 @@ from types import TracebackType
 from typing import Any, Callable, Sequence
 
 from common.artifacts import MONITOR_PHASES, PMON_LOG
+from common.memory import torch_peak_memory
 from common.monitor.devices import MIB, GpuInfo, MonitorOff, NvmlGpus, map_visible_devices
 from common.monitor.log import GpuLog
 from common.monitor.pmon import Pmon
 from common.monitor.sampling import Sampler
-from common.monitor.summary import format_summary, torch_peak_memory
+from common.monitor.summary import format_summary
 
 __all__ = ["MIB", "GpuInfo", "GpuMonitor", "format_summary", "map_visible_devices", "torch_peak_memory"]
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-MIB = 1024**2
+from common.memory import MIB
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,12 @@
-"""Per-phase statistics of the samples (peak and mean memory used, utilisation), torch's allocator peaks, and
-the lines printed at the end of a run."""
+"""Per-phase statistics of the samples (peak and mean memory used, utilisation), and the lines printed at the end
+of a run (torch's allocator peaks: common/memory.py)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from common.artifacts import MONITOR_PHASES
-from common.monitor.devices import MIB, GpuInfo, Reading
+from common.monitor.devices import GpuInfo, Reading
 
 
 class GpuPhaseStats:
@@ -69,40 +68,8 @@ class Statistics:
         }
 
 
-@contextlib.contextmanager
-def torch_peak_memory(
-    phase: str, into: dict[str, Any], device: int | None = None, empty_cache: bool = False
-) -> Iterator[None]:
-    """Record torch's allocator peaks for the block: `into[phase] = {max_allocated_mib, max_reserved_mib}`.
-
-    Resets the peaks on entry, so train and eval get their own. A reset sets each peak to the
-    current value, and blocks cached by an earlier phase still count as reserved: pass
-    `empty_cache=True` to hand them back first. Values are None without CUDA. Per process and
-    device: under torchrun each rank sees only its own device's allocator.
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        into[phase] = {"max_allocated_mib": None, "max_reserved_mib": None}
-        yield
-        return
-    if empty_cache:
-        torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        yield
-    finally:
-        try:
-            into[phase] = {
-                "max_allocated_mib": round(torch.cuda.max_memory_allocated(device) / MIB, 1),
-                "max_reserved_mib": round(torch.cuda.max_memory_reserved(device) / MIB, 1),
-            }
-        except RuntimeError:  # a broken CUDA context must not hide the block's own exception
-            into[phase] = {"max_allocated_mib": None, "max_reserved_mib": None}
-
-
 def format_summary(summary: dict[str, Any], torch_peaks: dict[str, Any]) -> str:
-    """Human-readable lines for the end of a run, from GpuMonitor.summary() and torch_peak_memory's records."""
+    """Human-readable lines for the end of a run, from GpuMonitor.summary() and common.memory.torch_peak_memory's records."""
     lines = _nvml_lines(summary)
     if torch_peaks:
         lines.append("torch allocator, this process's device (peaks reset per phase):")

@@ -10,9 +10,10 @@ experiment's own code path.
 
 Each configuration is a profile (common/profiles.py: baseline's fp32 or modified's mixed) and an engine
 (`EngineArguments`: the shared defaults, or the grid's rows that add them one at a time to the HF Trainer's
-defaults), set up as a run sets them up and turned into TrainingArguments by `training_argument_values`, run by
-the HF Trainer with evaluation and checkpoints turned off, on the random-weight Llama-3.2-1B (`llama-3.2-1b-random`,
-no download), with the project's `PadToLongest` collator. The batches are synthetic token ids whose lengths follow
+defaults), set up as a run sets them up (`common.engine.apply_engine` with the profile's `Precision`) and turned
+into TrainingArguments by `training_argument_values`, run by the run's `EngineTrainer` with evaluation and
+checkpoints turned off, on the random-weight Llama-3.2-1B (`llama-3.2-1b-random`, no download), with the run's
+collator (`PadToLongest` and the engine's batch plan). The batches are synthetic token ids whose lengths follow
 PIQA's (`tools/benchmark/piqa_lengths.json`, measured with Llama 3's tokenizer); the loss is on the answer part only.
 
 Every configuration runs in its own process (forked from a clean fork server) (Liger's patches, torch.compile caches

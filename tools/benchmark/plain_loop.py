@@ -1,19 +1,18 @@
 """The reference row: a configuration's workload trained by a plain PyTorch loop instead of the HF Trainer.
 
-The same as train_row.py's Trainer path: model loading and the engine's set-up (usable_engine,
-apply_engine_to_model: Liger, cuDNN attention), the synthetic PIQA-length features, the PadToLongest collator,
-micro-batch x accumulation, the batch order (transformers' LengthGroupedSampler, or a random permutation,
-seeded as the Trainer seeds them), and the Trainer's arithmetic: its hyperparameters are read from the same
-TrainingArguments (training_argument_values), AdamW (fused for 'adamw_torch_fused'), the cosine schedule with
-warm-up (get_scheduler), clipping at max_grad_norm, the loss averaged over the step's answer tokens
-(num_items_in_batch), bf16 autocast (fp16 + GradScaler without bf16) for the mixed profile, TF32 off for fp32 on
-CUDA, gradient checkpointing. Timed by the Trainer rows' StepTimer and measure(), so the rows compare.
+The same as train_row.py's Trainer path: the workload (prepare_workload: the model, the engine applied by
+common.engine.apply_engine with the profile's Precision, the TrainingArguments from training_argument_values, the
+synthetic PIQA-length features and the engine's collator), micro-batch x accumulation, the batch order
+(transformers' LengthGroupedSampler, or a random permutation, seeded as the Trainer seeds them), the engine's call
+before each forward (Engine.before_forward, as EngineTrainer.compute_loss makes it), and the Trainer's arithmetic:
+AdamW (fused for 'adamw_torch_fused'), the cosine schedule with warm-up (get_scheduler), clipping at
+max_grad_norm, the loss averaged over the step's answer tokens (num_items_in_batch), the precision's autocast and
+GradScaler, gradient checkpointing as the Trainer enables it. Timed by the Trainer rows' StepTimer and measure(),
+so the rows compare.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from common.config import EngineArguments
 from common.data import IGNORE_INDEX
+from common.precision import Precision
 from tools.benchmark.configurations import BenchConfig
 from tools.benchmark.timing import CountingCollator, make_step_timer, measure
 from tools.benchmark.train_row import (
@@ -46,11 +46,11 @@ class PlainSetup:
     parameters: int
     features: list[dict]
     device: Any
-    half: Any  # the autocast dtype, None for fp32
+    precision: Precision
     optimizer: Any
     scheduler: Any
     scaler: Any  # torch.amp.GradScaler for fp16, else None
-    checkpoint_budget: Any  # common.checkpointing.CheckpointBudget, or None
+    step_engine: Any  # common.engine.Engine
 
 
 def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_steps: int, max_measure_s: float,
@@ -78,7 +78,8 @@ def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_step
             "optimizer": type(bench.optimizer).__name__,
             "optimizer_fused": bool(bench.optimizer.defaults.get("fused")),
             "gradient_checkpointing": checkpointing_on(bench.model),
-            "autocast": str(bench.half).removeprefix("torch.") if bench.half else None,
+            "autocast": str(bench.precision.autocast_dtype).removeprefix("torch.") if bench.precision.autocast_dtype
+            else None,
             "grad_scaler": bench.scaler is not None,
             "ddp_comm_hooks": [],
         },
@@ -103,43 +104,30 @@ def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size:
     builds them from the same TrainingArguments."""
     import torch
     from transformers import get_scheduler, set_seed
-    from transformers.utils.import_utils import enable_tf32
 
-    from common.training import autocast_dtype
+    from common.training import enable_checkpointing
 
     if config.engine.torch_compile or config.engine.optim not in ("adamw_torch", "adamw_torch_fused"):
         raise ValueError("the plain loop implements AdamW without torch.compile only")
     work = prepare_workload(config, model_name, total_steps, dataset_size, seed, lengths)
-    model, engine, args = work.model, work.engine, work.training_args
+    model, engine, args = work.model, work.engine, work.training_args  # TrainingArguments set TF32 as the run's do
+    precision = work.step_engine.precision
     set_seed(args.seed)  # as the Trainer's __init__ does
-    half = autocast_dtype(config.profile)
-    if torch.cuda.is_available() and half is None:
-        enable_tf32(False)  # what TrainingArguments(tf32=False) calls: fp32 matmuls without TF32
     if engine.gradient_checkpointing:
-        enable_checkpointing(model, args)
+        enable_checkpointing(model)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
         weight_decay=args.weight_decay, fused=True if engine.optim == "adamw_torch_fused" else None)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total_steps),
                               num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
-    scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if precision.grad_scaler else None
     return PlainSetup(model, engine, args, work.collator, work.parameters, work.features,
-                      next(model.parameters()).device, half, optimizer, scheduler, scaler, work.checkpoint_budget)
-
-
-def enable_checkpointing(model, args) -> None:
-    """Gradient checkpointing as the Trainer enables it (transformers 5.2x renamed the method; accept either)."""
-    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
-                                                                               None) or {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                      next(model.parameters()).device, precision, optimizer, scheduler, scaler, work.step_engine)
 
 
 def checkpointing_on(model) -> bool:
     """Whether checkpointing was enabled (an activation budget may have left every layer unchecked in a batch)."""
-    from common.checkpointing import decoder_layers
+    from common.engine.budget import decoder_layers
 
     return any(getattr(layer, "_gradient_checkpointing_func", None) is not None for layer in decoder_layers(model))
 
@@ -170,7 +158,7 @@ def step_batches(bench: PlainSetup, config: BenchConfig, seed: int):
         batches = iter(loader)
         while chunk := list(itertools.islice(batches, bench.engine.gradient_accumulation_steps)):
             tokens = sum(int(b["attention_mask"].sum()) for b in chunk)
-            yield [{k: v.to(bench.device) for k, v in b.items()} for b in chunk], tokens
+            yield [{k: v.to(bench.device) if k != "plan" else v for k, v in b.items()} for b in chunk], tokens
 
 
 def optimizer_step(bench: PlainSetup, micro_batches: list[dict]):
@@ -182,12 +170,10 @@ def optimizer_step(bench: PlainSetup, micro_batches: list[dict]):
     # The Trainer's num_items_in_batch: answer tokens over the whole step (labels shifted by one), so each
     # micro-batch's loss is its share of the step's token mean.
     items = sum(b["labels"][..., 1:].ne(IGNORE_INDEX).sum() for b in micro_batches)
-    autocast = functools.partial(torch.autocast, bench.device.type, dtype=bench.half) if bench.half \
-        else contextlib.nullcontext
     step_loss = torch.zeros((), device=bench.device)
     for batch in micro_batches:
-        with autocast():
-            loss = model(**batch, num_items_in_batch=items).loss
+        with bench.precision.autocast(bench.device.type):
+            loss = model(**bench.step_engine.before_forward(model, batch), num_items_in_batch=items).loss
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     if scaler:

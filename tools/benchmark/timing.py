@@ -7,28 +7,23 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from common.memory import GIB
 from tools.benchmark.configurations import BenchConfig
-
-GIB = 1024**3
 
 
 class CountingCollator:
-    """The project's collator, counting real and padded tokens of every batch it builds, and the positions the
-    decoder passes over (fewer where the answer-token loss splits a batch by length: common/loss.py)."""
+    """The run's training collator, counting real and padded tokens of every batch it builds, and the positions the
+    decoder passes over (fewer where the batch's plan splits it by length: common/engine/plan.py)."""
 
-    def __init__(self, inner, splits_by_length: bool = False, length_multiple: int | None = None):
+    def __init__(self, inner):
         self.inner = inner
-        self.splits_by_length = splits_by_length
-        self.length_multiple = length_multiple  # the groups' padding multiple (the collator's pad_to_multiple_of)
         self.batches: list[tuple[int, int, int]] = []  # (non-padding tokens, all tokens, decoder positions)
 
     def __call__(self, features: list[dict]) -> dict:
-        from common.loss import decoder_positions
-
         batch = self.inner(features)
         mask = batch["attention_mask"]
-        decoder = decoder_positions(None, batch, self.length_multiple) if self.splits_by_length else mask.numel()
-        self.batches.append((int(mask.sum()), mask.numel(), decoder))
+        plan = batch.get("plan")
+        self.batches.append((int(mask.sum()), mask.numel(), plan.decoder_positions if plan else mask.numel()))
         return batch
 
 
@@ -57,11 +52,10 @@ def synchronize() -> None:
 
 def peak_memory_gib() -> tuple[float | None, float | None]:
     """torch's peak allocated and reserved GPU memory since the last reset, in GiB (None, None without CUDA)."""
-    import torch
+    from common.memory import peak_bytes
 
-    if not torch.cuda.is_available():
-        return None, None
-    return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+    peaks = peak_bytes()
+    return (None, None) if peaks is None else (peaks[0] / GIB, peaks[1] / GIB)
 
 
 def make_step_timer(warmup_steps: int, steps: int, max_measure_s: float):
@@ -171,6 +165,8 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int, micr
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
+    from common.data import round_up
+
     generator = torch.Generator().manual_seed(seed)
     if config.engine.train_sampling_strategy == "group_by_length":
         order = get_length_grouped_indices(lengths, config.batch_size, generator=generator)
@@ -180,9 +176,7 @@ def epoch_padding_share(lengths: list[int], config: BenchConfig, seed: int, micr
     real = padded = 0
     for start in range(0, len(order), mb):
         chunk = [lengths[i] for i in order[start : start + mb]]
-        longest = max(chunk)
-        if multiple:
-            longest = -(-longest // multiple) * multiple
+        longest = round_up(max(chunk), multiple)
         real += sum(chunk)
         padded += longest * len(chunk)
     return 100.0 * (1 - real / padded)

@@ -43,7 +43,7 @@ class TrainerSetup:
     training_args: Any
     collator: CountingCollator
     parameters: int
-    checkpoint_budget: Any  # common.checkpointing.CheckpointBudget, or None
+    step_engine: Any  # common.engine.Engine: the engine as applied (its precision, its activation budget)
 
 
 def run_config(
@@ -142,7 +142,7 @@ class Workload:
     collator: CountingCollator
     features: list[dict]
     parameters: int
-    checkpoint_budget: Any  # common.checkpointing.CheckpointBudget, or None where every layer is checkpointed
+    step_engine: Any  # common.engine.Engine: the engine as applied (its precision, its activation budget)
 
 
 def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
@@ -151,37 +151,39 @@ def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dat
     from transformers import TrainingArguments
 
     from common.data import PadToLongest
+    from common.engine import apply_engine, usable_engine
     from common.models import count_parameters, load_model, load_tokenizer
-    from common.training import apply_engine_to_model, autocast_dtype, training_argument_values, usable_engine
+    from common.precision import resolve_precision
+    from common.training import training_argument_values
 
     tokenizer = load_tokenizer(model_name)
     with torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext():
         model = load_model(model_name, tokenizer)  # fp32 weights, as the scripts load them
     engine, _ = usable_engine(config.engine)  # set up as run() does it
-    checkpoint_budget = apply_engine_to_model(model, engine, autocast_dtype(config.profile))
+    precision = resolve_precision(config.profile.precision)
+    step_engine = apply_engine(model, engine, precision)
     features = synthetic_features(dataset_size, model.config.vocab_size, lengths, seed)
     run_dir = tempfile.mkdtemp(prefix="bench-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in config.name))
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
-    values = training_argument_values(experiment, engine, config.profile, run_dir, torch.cuda.is_available())
+    values = training_argument_values(experiment, engine, config.profile, precision, run_dir)
     training_args = TrainingArguments(**{**values, **TIMING_ONLY})
-    collator = CountingCollator(PadToLongest(tokenizer.pad_token_id, pad_to_multiple_of=engine.pad_to_multiple_of),
-                                splits_by_length=engine.loss == "answer-chunks", length_multiple=engine.pad_to_multiple_of)
-    return Workload(model, engine, training_args, collator, features, count_parameters(model), checkpoint_budget)
+    collator = CountingCollator(step_engine.collator(PadToLongest(tokenizer.pad_token_id,
+                                                                  pad_to_multiple_of=engine.pad_to_multiple_of)))
+    return Workload(model, engine, training_args, collator, features, count_parameters(model), step_engine)
 
 
 def set_up(config: BenchConfig, model_name: str, total_steps: int, dataset_size: int, seed: int,
            lengths: dict[str, Any], callbacks: list) -> TrainerSetup:
-    """The workload in a Trainer."""
-    from transformers import Trainer
-
+    """The workload in the Trainer the run uses (without its evaluation and checkpoint writer)."""
+    from common.engine import EngineTrainer
     from common.training import configure_ddp_communication
 
     work = prepare_workload(config, model_name, total_steps, dataset_size, seed, lengths)
-    trainer = Trainer(model=work.model, args=work.training_args, train_dataset=work.features,
-                      data_collator=work.collator, callbacks=callbacks)
+    trainer = EngineTrainer(model=work.model, args=work.training_args, train_dataset=work.features,
+                            data_collator=work.collator, callbacks=callbacks, engine=work.step_engine)
     configure_ddp_communication(trainer, work.engine)
     return TrainerSetup(trainer, work.model, work.engine, work.training_args, work.collator, work.parameters,
-                        work.checkpoint_budget)
+                        work.step_engine)
 
 
 def configuration_fields(config: BenchConfig, engine: EngineArguments, training_args) -> dict[str, Any]:
@@ -234,10 +236,10 @@ def liger_patched_modules(model) -> int:
 def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths: dict[str, Any], seed: int,
                  ranks: int) -> dict[str, Any]:
     """Times, tokens/s, padding, MFU, memory peaks and what they mean for one epoch of PIQA's training split.
-    `bench`: a TrainerSetup, or plain_loop's PlainSetup (its parameters, training_args and checkpoint_budget are
-    read)."""
+    `bench`: a TrainerSetup, or plain_loop's PlainSetup (its parameters, training_args and step_engine are read)."""
     tokens_per_s = sum(m.real) / sum(m.step_s)
-    recomputed = recomputed_share(m, config, bench.checkpoint_budget)
+    budget = bench.step_engine.budget
+    recomputed = recomputed_share(m, config, budget)
     flops_per_token = (6 + 2 * recomputed) * bench.parameters
     micro_batch_size = bench.training_args.per_device_train_batch_size
     piqa_lengths = sample_lengths(lengths["train_sequence"], PIQA_TRAIN_EXAMPLES, random.Random(seed))
@@ -259,8 +261,7 @@ def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths:
                                               / max(1, sum(b[2] for b in m.micro_batches))),  # what it computed
         "epoch_padding_share_pct": epoch_padding_share(piqa_lengths, config, seed, micro_batch_size),
         "recomputed_layer_share": recomputed,  # of the decoder layers, weighted by non-padding tokens
-        "layer_activations_bytes_per_position": (dataclasses.asdict(bench.checkpoint_budget.activations)
-                                                 if bench.checkpoint_budget else None),
+        "layer_activations_bytes_per_position": dataclasses.asdict(budget.activations) if budget else None,
         "flops_per_token": flops_per_token,
         "mfu_pct": 100.0 * tokens_per_s / ranks * flops_per_token / H100_BF16_DENSE_PEAK_FLOPS,  # per GPU
         "peak_allocated_gib": m.peak_allocated,

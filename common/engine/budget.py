@@ -14,12 +14,12 @@ profile's precision: the tensors autograd saves in two small forward passes, cou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-GIB = 2**30
+from common.memory import GIB
+
 PROBE_LENGTH = 32  # tokens per probe row; the probes differ in rows only, so a layer's fixed costs cancel out
 
 
@@ -100,25 +100,22 @@ def _saved_by_layers(model, layers, rows: int, device, autocast_dtype) -> tuple[
     return sum(saved.values()), inside["input_bytes"]
 
 
-def batch_positions(forward_kwargs: dict, args: tuple = ()) -> int:
+def batch_positions(forward_kwargs: dict) -> int:
     """The token positions of a forward's batch as it is: rows x length of its input_ids (or inputs_embeds)."""
-    tokens = forward_kwargs.get("input_ids", args[0] if args else None)
+    tokens = forward_kwargs.get("input_ids")
     tokens = forward_kwargs["inputs_embeds"] if tokens is None else tokens
     return tokens.shape[0] * tokens.shape[1]
 
 
-class CheckpointBudget:
-    """Hooks on the model and its decoder: before each training forward, choose how many layers keep their
-    activations, from the positions the forward will pass through the decoder; every decoder pass of that forward
-    (one, or one per length group: common/loss.py) then checkpoints its first layers and keeps the last ones."""
+class ActivationBudget:
+    """Which decoder layers keep their activations: before each training forward, `choose` is given the positions
+    the forward's decoder passes will hold (the batch's plan); every pass then checkpoints its first layers and
+    keeps the last ones."""
 
-    def __init__(self, layers: list[torch.nn.Module], activations: LayerActivations, budget_bytes: float,
-                 positions_of: Callable[[dict], int] | None = None):
+    def __init__(self, layers: list[torch.nn.Module], activations: LayerActivations, budget_bytes: float):
         self.layers = layers
         self.activations = activations
         self.budget_bytes = budget_bytes
-        self.positions_of = positions_of  # a forward's keyword arguments -> the positions its decoder passes hold
-        self.kept = 0
 
     def layers_kept(self, positions: int) -> int:
         """How many layers can keep their activations when the decoder passes hold `positions` token positions."""
@@ -130,20 +127,13 @@ class CheckpointBudget:
             return n
         return min(n, int(spare // (kept - ckpt)))
 
-    def start_forward(self, module, args, kwargs):
-        if not (module.training and torch.is_grad_enabled()):
-            return None
-        positions = self.positions_of(kwargs) if self.positions_of is not None else batch_positions(kwargs, args)
-        self.kept = self.layers_kept(positions)
-        return None
-
-    def before_decoder(self, module, args, kwargs):
-        if not (module.training and torch.is_grad_enabled()):
-            return None
+    def choose(self, positions: int) -> None:
+        """Checkpoint the first layers, keep the last ones, for a forward whose passes hold `positions`. Only once
+        checkpointing is enabled (by the Trainer: transformers sets each layer's checkpointing function)."""
+        kept = self.layers_kept(positions)
         for index, layer in enumerate(self.layers):
-            if getattr(layer, "_gradient_checkpointing_func", None) is not None:  # the Trainer enabled checkpointing
-                layer.gradient_checkpointing = index < len(self.layers) - self.kept
-        return None
+            if getattr(layer, "_gradient_checkpointing_func", None) is not None:
+                layer.gradient_checkpointing = index < len(self.layers) - kept
 
     def checkpointed_share(self, positions: int) -> float:
         """The share of a pass's decoder layers that are checkpointed (recomputed in the backward pass)."""
@@ -163,16 +153,10 @@ class CheckpointBudget:
                 f"checkpointed (measured); layers checkpointed of {len(self.layers)} for a batch of {examples}")
 
 
-def budget_checkpointing(model: torch.nn.Module, budget_gib: float, autocast_dtype: torch.dtype | None,
-                         positions_of: Callable[[dict], int] | None = None) -> CheckpointBudget | None:
-    """Install the per-batch choice on `model` (None for a model without checkpointable layers). It acts only once
-    the Trainer has enabled gradient checkpointing, and only in training forwards. `positions_of`: where the
-    model's forward does not pass the batch through the decoder as it is (common/loss.py splits long batches)."""
+def activation_budget(model: torch.nn.Module, budget_gib: float,
+                      autocast_dtype: torch.dtype | None) -> ActivationBudget | None:
+    """The budget for `model`, what its layers keep measured now (None for a model without checkpointable layers)."""
     layers = decoder_layers(model)
     if not layers:
         return None
-    budget = CheckpointBudget(layers, measure_layer_activations(model, autocast_dtype), budget_gib * GIB,
-                              positions_of)
-    model.register_forward_pre_hook(budget.start_forward, with_kwargs=True)
-    model.get_decoder().register_forward_pre_hook(budget.before_decoder, with_kwargs=True)
-    return budget
+    return ActivationBudget(layers, measure_layer_activations(model, autocast_dtype), budget_gib * GIB)
