@@ -2,7 +2,7 @@
 # The real job on a GPU machine, as docs/real_job/README.md reports it: every run's metrics.json, config.json,
 # densenetsmi.txt and console log (no checkpoints) into one tar under $OUT.
 #   bash docs/real_job/device_run.sh PIECE...
-#   PIECE: warm | imports | modified | baseline | caps | cap22 | caps-rest | snapshot22 | benchmark
+#   PIECE: warm | imports | modified | baseline | caps | cap22 | caps-rest | snapshot22 | benchmark | engine-ab
 # Needs: .whl/ (liger-kernel 0.8.5, llama-models 0.3.0 wheels) and .device_data/piqa-valid-1000 (PIQA's first 1,000
 # validation examples, ../shared/data) beside the checkout.
 set -u
@@ -52,6 +52,19 @@ for piece in "$@"; do
                   --gpu-memory-gib 22 --max-steps 1 > $COLLECT/snapshot22-baseline.log 2>&1; rm -rf /tmp/runs/snap ;;
     caps) for gib in 22 38 78; do for s in modified baseline; do
             job cap$gib-$s $s.py --data-dir /tmp/piqa2k --num-train-epochs 1 --gpu-memory-gib $gib; done; done ;;
+    engine-ab)  # issue 24: the engine before its refactor (.before/: `git archive 4e3926f common tools`) and now, one
+                # whole epoch each (3 + 123 steps), in one call; then modified with one mechanism off at a time
+      for side in before after; do
+        dir=$PWD; [ $side = before ] && dir=$PWD/.before
+        (cd "$dir" && PYTHONPATH=/tmp/site:$dir python3 -m tools.benchmark --configs modified,baseline --steps 123 \
+           --warmup-steps 3 --max-measure-s 200 --eval-examples 0 --json-out $COLLECT/ab-$side/benchmark.json) \
+          > $COLLECT/ab-$side.log 2>&1
+        echo "engine-ab $side rc=$?" | tee -a $COLLECT/walls.txt
+      done
+      python3 -m tools.benchmark --configs modified/no-split,modified/no-pinned-index,modified/no-liger,modified/budget-0 \
+        --steps 123 --warmup-steps 3 --max-measure-s 60 --eval-examples 0 --deadline-s 200 \
+        --json-out $COLLECT/ablation/benchmark.json > $COLLECT/ablation.log 2>&1
+      echo "ablation rc=$?" | tee -a $COLLECT/walls.txt ;;
     benchmark) python3 -m tools.benchmark --configs modified --steps 123 --max-measure-s 60 \
                  --json-out $COLLECT/benchmark/benchmark.json > $COLLECT/benchmark.log 2>&1
                echo "benchmark rc=$?" | tee -a $COLLECT/walls.txt ;;
