@@ -158,6 +158,15 @@ class EngineArguments:
             raise ConfigError(f"--ddp-comm-hook must be one of {', '.join(DDP_COMM_HOOKS)}, got {self.ddp_comm_hook!r}")
 
 
+def micro_batch_size(batch_size: int, accumulation: int, world_size: int = 1) -> int:
+    """Examples per device per forward pass, for `batch_size` examples per optimizer step."""
+    per_step = accumulation * world_size
+    if batch_size % per_step:
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by gradient accumulation {accumulation} x "
+                          f"{world_size} GPU(s)")
+    return batch_size // per_step
+
+
 @dataclass
 class ExperimentArguments:
     """Arguments shared by baseline.py and modified.py. `--smoke` runs offline on a tiny model and our sample."""
@@ -233,13 +242,7 @@ class ExperimentArguments:
 
     def micro_batch_size(self, engine: EngineArguments, world_size: int = 1) -> int:
         """Examples per device per forward pass; the batch per optimizer step stays --batch-size."""
-        per_step = engine.gradient_accumulation_steps * world_size
-        if self.batch_size % per_step:
-            raise ConfigError(
-                f"--batch-size {self.batch_size} is not divisible by gradient accumulation "
-                f"{engine.gradient_accumulation_steps} x {world_size} GPU(s)"
-            )
-        return self.batch_size // per_step
+        return micro_batch_size(self.batch_size, engine.gradient_accumulation_steps, world_size)
 
     def validate(self) -> None:
         """Check everything up front, before any data or model is loaded."""

@@ -41,6 +41,29 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt()
 
 
+class _DeferredInterrupt:
+    """SIGINT noted, not raised, while torch and transformers import (seconds): raised inside their C++ start-up, a
+    KeyboardInterrupt aborts the process (pybind11's terminate) or breaks numpy's import. Raised once they are in,
+    or at once on a second Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt()
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+        if self.received and exc[0] is None:
+            raise KeyboardInterrupt()
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"  # as common.distributed says it, without importing torch
 
@@ -73,10 +96,11 @@ def main(profile: Profile, argv: list[str] | None = None) -> int:
             if _is_main_process():
                 print(f"error: {err}", file=sys.stderr)
             return 2
-        import torch
+        with _DeferredInterrupt():  # Ctrl-C now stops the run once the imports are done
+            import torch
 
-        from common.divergence import TrainingDiverged  # transformers and torch: seconds
-        from common.run import run
+            from common.divergence import TrainingDiverged  # transformers and torch: seconds
+            from common.run import run
 
         started = True
         try:

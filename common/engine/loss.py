@@ -66,6 +66,11 @@ def answer_token_loss(
     return total / num_items_in_batch
 
 
+def answer_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """The tokens with a loss: labels not IGNORE_INDEX, shifted by one (the Trainer's num_items_in_batch)."""
+    return labels[..., 1:].ne(IGNORE_INDEX).sum()
+
+
 def _summed_cross_entropy(rows: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = F.linear(rows, head_weight)  # under autocast: a bf16 matmul, as the model's lm_head
     return F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -89,7 +94,7 @@ class AnswerTokenForward:
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
             return CausalLMOutputWithPast(loss=answer_token_loss(hidden, weight, labels, num_items_in_batch))
         if num_items_in_batch is None:
-            num_items_in_batch = labels[:, 1:].ne(IGNORE_INDEX).sum()
+            num_items_in_batch = answer_token_count(labels)
         if plan is None:  # a caller without the collator's plan: made here, a wait for the GPU
             plan = plan_batch(attention_mask.cpu(), labels.cpu())
         device, loss = input_ids.device, 0.0

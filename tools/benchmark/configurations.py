@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from common.config import EngineArguments, Profile
+from common.config import EngineArguments, Profile, micro_batch_size
 from common.profiles import BASELINE, MODIFIED
 
 BENCHMARK_MODEL = "llama-3.2-1b-random"  # the benchmark's default model (common.config's DEFAULT_MODEL is the scripts')
@@ -52,7 +52,7 @@ class BenchConfig:
 
     @property
     def micro_batch_size(self) -> int:
-        return self.batch_size // self.engine.gradient_accumulation_steps
+        return micro_batch_size(self.batch_size, self.engine.gradient_accumulation_steps)
 
 
 def configurations(batch_size: int = 128, world_size: int = 1) -> list[BenchConfig]:

@@ -20,7 +20,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from common.config import EngineArguments
-from common.data import IGNORE_INDEX
 from common.precision import Precision
 from tools.benchmark.configurations import BenchConfig
 from tools.benchmark.timing import CountingCollator, make_step_timer, measure
@@ -165,11 +164,13 @@ def optimizer_step(bench: PlainSetup, micro_batches: list[dict]):
     """Forward and backward over the micro-batches, then clip, step, schedule, zero: the step's loss (a tensor)."""
     import torch
 
+    from common.engine.loss import answer_token_count
+
     model, scaler = bench.model, bench.scaler
     model.train()
     # The Trainer's num_items_in_batch: answer tokens over the whole step (labels shifted by one), so each
     # micro-batch's loss is its share of the step's token mean.
-    items = sum(b["labels"][..., 1:].ne(IGNORE_INDEX).sum() for b in micro_batches)
+    items = sum(answer_token_count(b["labels"]) for b in micro_batches)
     step_loss = torch.zeros((), device=bench.device)
     for batch in micro_batches:
         with bench.precision.autocast(bench.device.type):
