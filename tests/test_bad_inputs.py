@@ -244,7 +244,8 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize("extra, fixes", [
     ([], ["--data-dir DIR", "--model PATH"]),
-    (["--eval-only", "--data-dir", str(ROOT / "common" / "sample"), "--eval-samples", "10"], ["--model PATH"]),
+    pytest.param(["--eval-only", "--data-dir", str(ROOT / "common" / "sample"), "--eval-samples", "10"], ["--model PATH"],
+                 marks=pytest.mark.slow),
 ])
 def test_unreachable_hub_ends_at_once_with_what_to_do_offline(tmp_path, extra, fixes):
     """The Hub at a closed local port: the probe fails at once, loading goes cache-only, and one line says what

@@ -35,6 +35,7 @@ def run_tiny_benchmark(out: Path, *options: str, timeout_s: int = 120) -> subpro
     )
 
 
+@pytest.mark.slow  # starts a process of its own (seconds)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="its row's torch memory peaks are None without CUDA")
 def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     out = tmp_path / "rows.json"
@@ -60,6 +61,7 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     assert "| modified |" in done.stdout
 
 
+@pytest.mark.slow  # starts a process of its own (seconds)
 def test_plain_loop_row_trains_the_same_batches_as_its_trainer_twin(tmp_path):
     """The reference row: modified's workload in a plain PyTorch loop, beside the Trainer's, in one call."""
     out = tmp_path / "rows.json"
@@ -146,6 +148,7 @@ def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path)
     assert "(DDP, 2 GPUs:" in done.stdout
 
 
+@pytest.mark.slow  # starts a process of its own (seconds)
 def test_nproc_is_checked_up_front():
     for extra, message in ((["--nproc", "0"], "at least 1"), (["--nproc", "2", "--no-fork"], "--no-fork")):
         done = subprocess.run([sys.executable, "-m", "tools.benchmark", "--configs", "modified", *extra],
@@ -235,6 +238,7 @@ def test_synthetic_eval_examples_have_piqa_token_counts():
     assert len(ids) == 1 + 2 + len(example.goal.split())
 
 
+@pytest.mark.slow  # starts a process of its own (seconds)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU the profile has no device kernels")
 def test_profiled_row_reports_where_the_time_went(tmp_path):
     out = tmp_path / "rows.json"

@@ -17,7 +17,8 @@ from common import artifacts
 from common.launch import main
 
 
-@pytest.mark.parametrize("delay_s", [0.1, 0.3, 1.5])
+@pytest.mark.parametrize("delay_s", [pytest.param(0.1, marks=pytest.mark.slow), 0.3,
+                                     pytest.param(1.5, marks=pytest.mark.slow)])
 def test_ctrl_c_while_starting_is_one_line(tmp_path, delay_s):
     """0.1 s: reading the command line; 0.3 s and 1.5 s: importing torch and transformers. (Within the first ~25 ms,
     before common/launch.py has run a line, Python itself still prints a traceback.)"""

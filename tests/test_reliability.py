@@ -112,6 +112,7 @@ def test_resume_ends_with_the_same_number_of_steps(tmp_path):
     assert metrics["train"]["resumed_from"]
 
 
+@pytest.mark.slow  # starts a process of its own (seconds)
 def test_cuda_visible_devices_naming_no_gpu_is_refused(tmp_path):
     env = {**ENV, "CUDA_VISIBLE_DEVICES": "7"}
     done = subprocess.run([sys.executable, "baseline.py", "--smoke", "--output-dir", str(tmp_path / "r")],
@@ -131,6 +132,7 @@ def test_disk_guard_refuses_before_training(tmp_path):
     assert 13 < estimate["estimated_checkpoint_disk_gib"] < 20  # fp32 weights + AdamW state + final model
 
 
+@pytest.mark.slow  # starts a process of its own (seconds)
 def test_access_tokens_never_reach_disk_or_logs(tmp_path):
     env_token, cli_token = "hf_FakeEnvToken0123456789", "hf_FakeCliToken9876543210"
     run_dir = tmp_path / "run"

@@ -21,6 +21,7 @@ def script(*argv: str, cwd) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow  # starts a process of its own (seconds)
 def test_a_directory_in_use_is_refused_naming_the_process_and_a_dead_ones_lock_does_not_block(tmp_path):
     run_dir = tmp_path / "runs" / "baseline"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
