@@ -35,11 +35,8 @@ def check_visible_gpus(visible: str | None) -> None:
 def configure_allocator(engine: EngineArguments) -> None:
     """The engine's CUDA allocator settings; to be called before CUDA starts (a user's PYTORCH_CUDA_ALLOC_CONF wins).
     --gpu-memory-gib caps the allocator after the setting, since capping starts CUDA."""
-    settings = ["expandable_segments:True"] if engine.expandable_segments else []
-    # cudaHostAlloc of the checkpoint writer's 14 GiB of host buffers held the driver's lock for 7 s, stalling the
-    # GPU work meanwhile; malloc, pages mapped by 8 threads, then cudaHostRegister holds it briefly (PyTorch's option).
-    settings += ["pinned_use_cuda_host_register:True", "pinned_num_register_threads:8"]
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ",".join(settings))
+    if engine.expandable_segments:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if engine.gpu_memory_gib is not None and torch.cuda.is_available():
         device = compute_device()
         total_bytes = torch.cuda.get_device_properties(device).total_memory

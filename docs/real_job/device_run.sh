@@ -2,7 +2,7 @@
 # The real job on a GPU machine, as docs/real_job/README.md reports it: every run's metrics.json, config.json,
 # densenetsmi.txt and console log (no checkpoints) into one tar under $OUT.
 #   bash docs/real_job/device_run.sh PIECE...
-#   PIECE: warm | imports | modified | baseline | caps | cap22 | caps-rest | snapshot22 | benchmark | engine-ab
+#   PIECE: warm | imports | modified | modified-hostreg | baseline | caps | cap22 | caps-rest | snapshot22 | benchmark | engine-ab
 # Needs: .whl/ (liger-kernel 0.8.5, llama-models 0.3.0 wheels) and .device_data/piqa-valid-1000 (PIQA's first 1,000
 # validation examples, ../shared/data) beside the checkout.
 set -u
@@ -43,6 +43,9 @@ for piece in "$@"; do
              timed "python3 -c 'import common.run' (the second time)" python3 -c "import common.run" ;;
     modified) job modified modified.py --data-dir /tmp/piqa16k ;;
     baseline) job baseline baseline.py --data-dir /tmp/piqa16k ;;
+    modified-hostreg)  # the checkpoint's host buffers page-locked by malloc + 8 mapping threads + cudaHostRegister
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
+        job modified-hostreg modified.py --data-dir /tmp/piqa16k ;;
     caps-rest) for gib in 38 78; do for s in modified baseline; do
                  job cap$gib-$s $s.py --data-dir /tmp/piqa2k --num-train-epochs 1 --gpu-memory-gib $gib; done; done ;;
     cap22) for s in modified baseline; do
