@@ -142,6 +142,16 @@ class CheckpointWriter:
         moments = [(tuple(p.shape), p.dtype) for p in self.model.parameters() if p.requires_grad] * optimizer_moments
         self._reserving = _Thread(self._reserve, weights, moments)
 
+    def _reserved(self) -> None:
+        """The background allocation finished. Where it failed (host memory), the first copy allocates the rest."""
+        if self._reserving is not None:
+            try:
+                self._reserving.join()
+            except (RuntimeError, MemoryError) as err:
+                print(f"note: the checkpoint's host buffers could not be allocated ahead ({err}); the first save "
+                      "allocates them")
+            self._reserving = None
+
     def _reserve(self, weights: list, moments: list) -> None:
         started_s = time.perf_counter()
         self._model_buffers.reserve(weights)
@@ -153,9 +163,7 @@ class CheckpointWriter:
         writes the small files now (they must be there before the rename)."""
         self.wait()
         started_s = time.perf_counter()
-        if self._reserving is not None:
-            self._reserving.join()  # raises its error
-            self._reserving = None
+        self._reserved()
         staging = staging_dir(final)
         if staging.exists():
             shutil.rmtree(staging)  # an earlier run's interrupted write of this step
@@ -219,9 +227,6 @@ class CheckpointWriter:
 
     def wait(self) -> None:
         """Block until the write in progress is complete; raise its error, if it had one."""
-        if self._reserving is not None and self._thread is None:
-            self._reserving.join()  # no allocation outlives the run; raises its error
-            self._reserving = None
         if self._thread is not None:
             self._ready.set()  # a caller that failed before small_files_written must not hang the thread
             self._thread.join()
@@ -229,6 +234,11 @@ class CheckpointWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    def close(self) -> None:
+        """Wait for the write in progress and for the background allocation: nothing of the writer outlives the run."""
+        self.wait()
+        self._reserved()
 
     @property
     def busy(self) -> bool:

@@ -195,7 +195,7 @@ class PiqaTrainer(EngineTrainer):
         if self.writer.busy:
             with self.phases.phase("checkpoint_wait"):
                 self.writer.wait()
-        self.writer.wait()  # raises a write's error
+        self.writer.close()  # raises a write's error
         best = self.state.best_model_checkpoint
         if self.args.should_save and best and self.args.save_total_limit == 1:
             for checkpoint in artifacts.checkpoints(Path(self.args.output_dir)):

@@ -138,3 +138,21 @@ def test_buffers_reserved_ahead_are_the_ones_the_first_save_fills(tmp_path, trai
     weights = load_file(final / "model.safetensors")
     for name, tensor in weights.items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_a_failed_allocation_ahead_leaves_it_to_the_first_save(tmp_path, trained, monkeypatch, capsys):
+    from common.checkpoint_writer import HostSnapshot
+
+    def no_host_memory(self, like):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(HostSnapshot, "reserve", no_host_memory)
+    model, optimizer = trained
+    writer = CheckpointWriter(model, pin=False)
+    writer.reserve(optimizer_moments=2)
+    final = save(writer, tmp_path, 2, model, optimizer)
+    writer.close()
+    assert "could not be allocated ahead (CUDA error: out of memory)" in capsys.readouterr().out
+    weights = load_file(final / "model.safetensors")
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
