@@ -160,7 +160,8 @@ def training_pairs(examples: list[PiqaExample], tokenizer) -> list[tuple[list[in
     them (`encode_pairs`), in one batched call (one call per example took seconds for PIQA's 16,000)."""
     if not examples:  # --eval-only (a tokenizer refuses an empty batch)
         return []
-    return encode_pairs(tokenizer, [(format_context(e.goal), format_continuation(e.correct_solution)) for e in examples])
+    texts = [(format_context(e.goal), format_continuation(e.correct_solution)) for e in examples]
+    return encode_pairs(tokenizer, texts)
 
 
 def training_feature(context_ids: list[int], answer_ids: list[int], eos_token_id: int | None, max_length: int) -> dict:

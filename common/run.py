@@ -90,7 +90,7 @@ class Experiment:
     memory_plan: MemoryPlan | None  # the engine's memory settings as fitted to this GPU (None on a CPU)
     startup_s: dict  # set-up's parts, s (the rest of start-up is the interpreter and the imports)
     step_engine: Engine | None = None  # the engine as applied to the model (common/engine/)
-    writer: CheckpointWriter | None = None  # writes checkpoints in the background (None: the Trainer, in the foreground)
+    writer: CheckpointWriter | None = None  # checkpoints in the background (None: the Trainer's, in the foreground)
 
 
 @runlock.released_after  # the run directory is locked from set_up until the run ends (common/runlock.py)
