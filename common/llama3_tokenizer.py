@@ -93,9 +93,14 @@ def cache_dir() -> Path:
 
 
 def _fingerprint(model_path: Path) -> str:
-    """What the converted tokenizer depends on: the BPE file, the split pattern, the special tokens, this code."""
+    """What the converted tokenizer depends on: the BPE file, the split pattern, the special tokens, this code, the
+    converter's and the tokenizers library's versions."""
+    import tokenizers
+    import transformers
+
     digest = hashlib.sha256(model_path.read_bytes())
-    digest.update("\n".join([PATTERN, *special_tokens(), inspect.getsource(_convert)]).encode())
+    versions = [transformers.__version__, tokenizers.__version__]
+    digest.update("\n".join([PATTERN, *special_tokens(), inspect.getsource(_convert), *versions]).encode())
     return digest.hexdigest()[:16]
 
 
