@@ -355,8 +355,7 @@ def save_final_model(experiment: Experiment, trainer: PiqaTrainer) -> None:
     if source is None:
         trainer.save_model(str(final_model))
     elif is_main_process() and not (trainer.writer and trainer.writer.also_link_model_files(source, final_model)):
-        if trainer.writer:
-            trainer.writer.wait()  # a failed write says so here, not as a missing checkpoint
+        trainer.finish_checkpoints()  # a write still running is waited for as such; a failed one says so here
         link_model_files(source, final_model)
     if is_main_process():
         final_model.mkdir(parents=True, exist_ok=True)
