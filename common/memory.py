@@ -7,7 +7,8 @@ torch is imported inside the functions: the command line is read before torch is
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 MIB = 2**20
 GIB = 2**30
