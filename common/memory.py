@@ -7,8 +7,8 @@ torch is imported inside the functions: the command line is read before torch is
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 MIB = 2**20
 GIB = 2**30
