@@ -103,10 +103,6 @@ class HostSnapshot:
         buffer.copy_(tensor, non_blocking=tensor.is_cuda)  # asynchronous from the device; synchronised in stage()
         return buffer
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.untyped_storage().nbytes() for b in self._buffers.values())
-
 
 @dataclass
 class PendingWrite:
@@ -246,10 +242,6 @@ class CheckpointWriter:
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def host_buffer_bytes(self) -> int:
-        return self._model_buffers.nbytes + self._optimizer_buffers.nbytes
 
 
 
