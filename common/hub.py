@@ -33,7 +33,7 @@ def probe(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
         try:
             get_session().head(constants.ENDPOINT, timeout=timeout_s)
             outcome["error"] = None
-        except Exception as err:  # any failure means "not reachable"
+        except Exception as err:  # noqa: BLE001 - any failure means "not reachable"
             outcome["error"] = first_line(err)
 
     # In a thread, because a name lookup that hangs is not bounded by the HTTP timeout.

@@ -97,7 +97,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, token: str | Non
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code, token=token)
-    except Exception as err:  # noqa: BLE001 - re-raised as one clear line
+    except Exception as err:
         raise ModelLoadError(explain_load_failure(model, err)) from err
     if tokenizer.pad_token is None:
         # Llama 3 ships no pad token; padding positions are masked out, so reusing EOS is safe.
@@ -190,7 +190,7 @@ def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: st
             use_safetensors=None if path.is_dir() else True,
         )
         return loaded.to(device)
-    except Exception as err:  # noqa: BLE001 - re-raised as one clear line
+    except Exception as err:
         raise ModelLoadError(explain_load_failure(model, err)) from err
 
 

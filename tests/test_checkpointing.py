@@ -139,6 +139,7 @@ def test_the_engine_with_the_length_split_and_the_budget_has_the_models_own_grad
     assert losses[1] == pytest.approx(losses[0], rel=1e-5 if half is None else 1e-2)
     for (name, p_own), p_engine in zip(own.named_parameters(), engine.parameters()):
         if half is None:
-            torch.testing.assert_close(p_engine.grad, p_own.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p_engine.grad, p_own.grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
         else:  # bf16's rounding differs between the shapes
             assert torch.linalg.vector_norm(p_engine.grad - p_own.grad) <= 0.05 * torch.linalg.vector_norm(p_own.grad)

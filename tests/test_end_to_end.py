@@ -16,7 +16,8 @@ OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", 
 
 def run_script(script: str, *argv: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, script, *argv], cwd=ROOT, env=OFFLINE_ENV, capture_output=True, text=True, timeout=timeout_s
+        [sys.executable, script, *argv], cwd=ROOT, env=OFFLINE_ENV, check=False, capture_output=True, text=True,
+        timeout=timeout_s,
     )
 
 

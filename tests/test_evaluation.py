@@ -110,7 +110,7 @@ def test_batch_size_and_tokenizer_padding_side_do_not_change_scores(model, token
 
 
 def test_logits_budget_splits_batches_without_changing_scores(model, tokenizer, monkeypatch):
-    import common.evaluation as evaluation
+    from common import evaluation
 
     whole = score_loglik(model, tokenizer, EXAMPLES, batch_size=16)
     vocab_size = model.get_output_embeddings().weight.shape[0]

@@ -14,9 +14,9 @@ ACTIVATIONS = LayerActivations(kept_bytes=160 * 1024, checkpointed_bytes=8 * 102
 LENGTHS = [245] + [30 + i % 90 for i in range(16_000)]  # PIQA-like: one long outlier
 
 
-def plan(card_gib: float, engine: EngineArguments = EngineArguments(), world_size: int = 1):
-    return plan_memory(engine, int(card_gib * GIB), PARAMETERS, LAYERS, ACTIVATIONS, LENGTHS, 128, world_size,
-                       HEAD_PARAMETERS)
+def plan(card_gib: float, engine: EngineArguments | None = None, world_size: int = 1):
+    return plan_memory(engine or EngineArguments(), int(card_gib * GIB), PARAMETERS, LAYERS, ACTIVATIONS, LENGTHS, 128,
+                       world_size, HEAD_PARAMETERS)
 
 
 @pytest.mark.parametrize("card_gib", [38.0, 78.0, 139.0])

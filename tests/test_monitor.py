@@ -110,7 +110,7 @@ def test_log_has_described_columns_and_csv_rows_with_phase(tmp_path: Path) -> No
     comments, rows = read_log(mon.log_path)
     header = "\n".join(comments)
     for name, meaning in GPU_LOG_COLUMNS:
-        assert re.search(rf"^#\s+{name}\s+\S", header, re.M), name
+        assert re.search(rf"^#\s+{name}\s+\S", header, re.MULTILINE), name
     assert "MiB" in header and "%" in header and ", W" in header
     assert "NOT memory in use" in header  # the memctl column can't be mistaken for memory again
     assert "GPU1 = NVML index 1, Fake H100 #1, " + UUIDS[1] in header
@@ -420,14 +420,13 @@ def test_local_rank_zero_monitors(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
 def test_exception_in_block_stops_thread_and_closes_log(tmp_path: Path, exc_type: type[BaseException]) -> None:
-    with pytest.raises(exc_type):
-        with make(tmp_path, FakeNvml(), interval_s=0.01) as mon:
-            time.sleep(0.05)
-            raise exc_type("boom")
+    with pytest.raises(exc_type), make(tmp_path, FakeNvml(), interval_s=0.01) as mon:
+        time.sleep(0.05)
+        raise exc_type("boom")
     assert not mon._thread.is_alive()
     assert mon._file is None
     text = mon.log_path.read_text()
-    assert re.search(r"^# ended .* \d+ samples, sampler [\d.]+ ms/sample$", text, re.M)
+    assert re.search(r"^# ended .* \d+ samples, sampler [\d.]+ ms/sample$", text, re.MULTILINE)
     rows_after_close = len(read_log(mon.log_path)[1])
     time.sleep(0.05)
     assert len(read_log(mon.log_path)[1]) == rows_after_close
@@ -475,10 +474,9 @@ def test_pmon_is_stopped_on_normal_exit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
 def test_pmon_is_stopped_on_exception(tmp_path: Path, exc_type: type[BaseException]) -> None:
-    with pytest.raises(exc_type):
-        with make(tmp_path, FakeNvml(), pmon=True, pmon_cmd=SLEEPER) as mon:
-            pid = mon.pmon_pid
-            raise exc_type("boom")
+    with pytest.raises(exc_type), make(tmp_path, FakeNvml(), pmon=True, pmon_cmd=SLEEPER) as mon:
+        pid = mon.pmon_pid
+        raise exc_type("boom")
     assert pid is not None
     assert_gone(pid)
 
@@ -509,7 +507,7 @@ def test_ctrl_c_in_a_real_process_stops_pmon_and_closes_log(tmp_path: Path) -> N
         child.kill()
     assert "KeyboardInterrupt" in stderr
     assert_gone(pmon_pid)
-    assert re.search(r"^# ended .* samples", log.read_text(), re.M)
+    assert re.search(r"^# ended .* samples", log.read_text(), re.MULTILINE)
 
 
 def test_pmon_ignoring_sigterm_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -558,11 +556,10 @@ def test_torch_peak_memory_resets_per_phase_and_records_on_exception(monkeypatch
     peaks: dict = {}
     with torch_peak_memory("train", peaks):
         state.update(allocated=3000 * MIB, reserved=4096 * MIB)
-    with pytest.raises(RuntimeError):
-        with torch_peak_memory("eval", peaks, empty_cache=True):
-            assert state["resets"] == 2 and state["allocated"] == 0 and state["emptied"] == 1
-            state.update(allocated=512 * MIB, reserved=1024 * MIB)
-            raise RuntimeError("CUDA out of memory")
+    with pytest.raises(RuntimeError), torch_peak_memory("eval", peaks, empty_cache=True):
+        assert state["resets"] == 2 and state["allocated"] == 0 and state["emptied"] == 1
+        state.update(allocated=512 * MIB, reserved=1024 * MIB)
+        raise RuntimeError("CUDA out of memory")
     assert state["emptied"] == 1  # only when asked
     assert peaks == {
         "train": {"max_allocated_mib": 3000.0, "max_reserved_mib": 4096.0},

@@ -26,7 +26,7 @@ def start(script: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
         [sys.executable, script, "--smoke", *argv], cwd=ROOT, env=env or ENV,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # As from a terminal: a CI shell may run us as a background job, which starts children with SIGINT ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - no threads yet
     )
 
 
@@ -98,12 +98,13 @@ def test_resume_ends_with_the_same_number_of_steps(tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
 
     refused = subprocess.run([sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir),
-                              "--num-train-epochs", str(epochs)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+                              "--num-train-epochs", str(epochs)],
+                             cwd=ROOT, env=ENV, check=False, capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
 
     resumed = subprocess.run([sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir),
                               "--num-train-epochs", str(epochs), "--resume"],
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, env=ENV, check=False, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -116,7 +117,7 @@ def test_resume_ends_with_the_same_number_of_steps(tmp_path):
 def test_cuda_visible_devices_naming_no_gpu_is_refused(tmp_path):
     env = {**ENV, "CUDA_VISIBLE_DEVICES": "7"}
     done = subprocess.run([sys.executable, "baseline.py", "--smoke", "--output-dir", str(tmp_path / "r")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=120)
     if "CUDA_VISIBLE_DEVICES" not in done.stderr:
         pytest.skip("a GPU 7 exists here")
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -138,7 +139,7 @@ def test_access_tokens_never_reach_disk_or_logs(tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "modified.py", "--smoke", "--train-samples", "8", "--output-dir", str(run_dir), "--token", cli_token],
-        cwd=ROOT, env={**ENV, "HF_TOKEN": env_token}, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env={**ENV, "HF_TOKEN": env_token}, check=False, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for token in (env_token, cli_token):
@@ -154,7 +155,7 @@ def test_same_seed_same_losses_and_predictions(tmp_path):
     outputs = []
     for name in ("a", "b"):
         done = subprocess.run([sys.executable, "baseline.py", "--smoke", "--output-dir", str(tmp_path / name)],
-                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, env=ENV, check=False, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         predictions = (tmp_path / name / "predictions_fine_tuned.jsonl").read_text()

@@ -78,7 +78,6 @@ def _saved_by_layers(model, layers, rows: int, device, autocast_dtype) -> tuple[
     def enter(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         inside["layer"], inside["input_bytes"] = True, hidden.element_size() * hidden.shape[-1]
-        return None
 
     def leave(module, args, output):
         inside["layer"] = False

@@ -15,9 +15,10 @@ GpuMonitor puts together the parts: devices.py (NVML, the visible GPUs, one read
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from common.artifacts import MONITOR_PHASES, PMON_LOG
 from common.memory import torch_peak_memory
@@ -90,7 +91,7 @@ class GpuMonitor:
     _thread = property(lambda self: self._sampler.thread)
     _file = property(lambda self: self._log.file)
 
-    def __enter__(self) -> GpuMonitor:
+    def __enter__(self) -> GpuMonitor:  # noqa: PYI034 - typing.Self needs Python 3.11
         if self._state != "new":
             raise RuntimeError("a GpuMonitor can be entered only once")
         self._state = "entered"

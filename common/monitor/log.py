@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from common.artifacts import GPU_LOG_COLUMNS
 from common.monitor.devices import GpuInfo, Reading

@@ -6,8 +6,9 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import TextIO
 
 from common.monitor.devices import GpuInfo
 

@@ -58,7 +58,7 @@ class Sampler:
         time_iso, elapsed_s = self._log.stamp()
         try:
             readings = self._nvml.read_all()
-        except Exception as e:  # NVMLError or anything else: never take the training down
+        except Exception as e:  # noqa: BLE001 - NVMLError or anything else: never take the training down
             self._fail(f"{type(e).__name__} at {elapsed_s:.1f} s: {e}")
             return
         gpus = self._nvml.gpus

@@ -3,7 +3,8 @@ of a run (torch's allocator peaks: common/memory.py)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from common.artifacts import MONITOR_PHASES
 from common.monitor.devices import GpuInfo, Reading

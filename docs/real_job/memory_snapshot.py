@@ -36,5 +36,4 @@ if __name__ == "__main__":
         rows = live_blocks_by_line(torch.cuda.memory._snapshot())
         with open(out, "w") as f:
             f.write(f"allocated {torch.cuda.memory_allocated() / 2**20:,.0f} MiB at the end\n")
-            for where, size, count in rows[:40]:
-                f.write(f"{size / 2**20:10,.1f} MiB {count:6d} blocks  {where}\n")
+            f.writelines(f"{size / 2**20:10,.1f} MiB {count:6d} blocks  {where}\n" for where, size, count in rows[:40])

@@ -30,8 +30,8 @@ ENGINE_STEPS = (
     ("train_sampling_strategy", "length-grouped batches"),
     ("gradient_accumulation_steps", "micro-batch 128 x 1"),
     ("expandable_segments", "expandable-segments allocator"),
-    ("activation_budget_gib", f"checkpointing within a {EngineArguments().activation_budget_gib:g} GiB activation "
-                              "budget = the shared engine, both scripts' defaults"),
+    ("activation_budget_gib", (f"checkpointing within a {EngineArguments().activation_budget_gib:g} GiB activation "
+                               "budget = the shared engine, both scripts' defaults")),
 )
 PROFILES = {"fp32": BASELINE, "mixed": MODIFIED}  # the grid's columns: each script's own profile
 TRAINER = "HF Trainer"  # what trains a configuration (its row's engine_path)
@@ -72,8 +72,8 @@ def engine_rows(batch_size: int) -> list[tuple[str, str, EngineArguments]]:
     """(name, label, engine) per grid row: the Trainer's defaults, then one engine setting more per row."""
     defaults = dataclasses.replace(TRAINER_DEFAULTS, gradient_accumulation_steps=max(1, batch_size // 8))  # micro 8
     accumulation = defaults.gradient_accumulation_steps
-    rows = [("trainer-defaults", f"HF Trainer defaults (micro-batch {batch_size // accumulation}"
-             f" x {accumulation}, fused AdamW)", defaults)]
+    rows = [("trainer-defaults", (f"HF Trainer defaults (micro-batch {batch_size // accumulation}"
+                                  f" x {accumulation}, fused AdamW)"), defaults)]
     engine = defaults
     for step, (field_name, label) in enumerate(ENGINE_STEPS, start=1):
         engine = dataclasses.replace(engine, **{field_name: getattr(EngineArguments(), field_name)})

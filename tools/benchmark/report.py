@@ -25,7 +25,7 @@ def machine_and_versions() -> dict[str, Any]:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30,
+            check=False, capture_output=True, text=True, timeout=30,
         )
         if out.returncode == 0 and out.stdout.strip():
             name, driver, memory = (part.strip() for part in out.stdout.strip().splitlines()[0].split(","))

@@ -4,9 +4,10 @@ run is skipped, with a note."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common.artifacts import TIME_PHASES
 from tools.compare.runs import GpuSample, Run, get, time_phases

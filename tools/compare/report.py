@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from tools.compare.caveats import cpu_warnings
 from tools.compare.plots import TIME_PLOT, Plot, make_plots
@@ -68,8 +68,8 @@ def build_report(runs: Sequence[Run], out_dir: Path) -> Report:
     sections = [
         f"# Run comparison: {', '.join(r.label for r in runs)}",
         _bullets([f"**{r.label}**: `{os.path.relpath(r.path.resolve(), out_dir.resolve())}` (status {r.status})" for r in runs]),
-        "Every accuracy carries its 95% Wilson interval; `n/a` means not measured (see the notes). "
-        "How to read this report: docs/compare.md.",
+        ("Every accuracy carries its 95% Wilson interval; `n/a` means not measured (see the notes). "
+         "How to read this report: docs/compare.md."),
         "## Measurements\n\n" + measurements,
         _time_section(runs, times, time_plot is not None),
         f"## Ratios to {first}\n\nSpeed-ups above 1x are faster; savings above 0% use less.\n\n" + ratios,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common import artifacts
 from common.artifacts import CONFIG, GPU_LOG, METRICS, PHASES
@@ -129,14 +130,14 @@ def _time_notes(metrics: dict[str, Any]) -> list[str]:
         return []
     phases_s, wall_s = time_phases(metrics), get(metrics, "timing", "wall_s")
     if phases_s is None:
-        return [f"{METRICS} has no timing.phases_s (a run from before it was recorded): where the time went is not "
-                f"recorded"]
+        return [(f"{METRICS} has no timing.phases_s (a run from before it was recorded): where the time went is "
+                 "not recorded")]
     if metrics.get("status") != "finished" or not isinstance(wall_s, (int, float)) or wall_s <= 0:
         return []  # an interrupted run's phases stop where it stopped
     sum_s = sum(phases_s.values())
     if abs(sum_s - wall_s) > PHASES_SUM_TOLERANCE * wall_s:
-        return [f"its time phases add up to {sum_s:,.1f} s, not its wall clock of {wall_s:,.1f} s: a phase is missing "
-                f"or counted twice"]
+        return [(f"its time phases add up to {sum_s:,.1f} s, not its wall clock of {wall_s:,.1f} s: a phase is "
+                 "missing or counted twice")]
     return []
 
 

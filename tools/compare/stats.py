@@ -4,8 +4,9 @@ and Newcombe's interval for two accuracies on the same examples, and the paired 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from scipy.stats import binom, norm
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from common.artifacts import PHASES, TIME_PHASES
 from tools.compare.runs import PHASE_TITLES, Run, engine_settings, get, profile_settings, time_phases
@@ -178,9 +179,9 @@ def ratio_rows(runs: Sequence[Run]) -> list[Row]:
             values.append(fmt(ratio(base, value) if ok else None, spec))
         rows.append((label, values))
 
-    faster = lambda base, value: value / base  # noqa: E731 - higher is better
-    shorter = lambda base, value: base / value  # noqa: E731 - lower is better
-    saved = lambda base, value: 100 * (base - value) / base  # noqa: E731
+    faster = lambda base, value: value / base
+    shorter = lambda base, value: base / value
+    saved = lambda base, value: 100 * (base - value) / base
     add("speed-up, train non-padding tokens/s (x)", lambda r: get(r.metrics, "timing", "train_tokens_per_s"), faster, "{:.2f}x")
     add("speed-up, training-step non-padding tokens/s (x)",
         lambda r: get(r.metrics, "timing", "train_steps_tokens_per_s"), faster, "{:.2f}x")
