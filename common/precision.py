@@ -35,6 +35,11 @@ class Precision:
         """TrainingArguments' tf32: off for fp32 on CUDA ("standard" fp32 matmuls), else torch's default."""
         return False if self.on_cuda and self.autocast_dtype is None else None
 
+    @property
+    def accelerate_name(self) -> str:
+        """accelerate's name for it (its mixed_precision setting)."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
     def trainer_flags(self) -> dict:
         return {"bf16": self.bf16, "fp16": self.fp16, "tf32": self.tf32}
 

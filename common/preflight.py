@@ -33,6 +33,17 @@ def check_trainer_arguments(args: ExperimentArguments, engine: EngineArguments, 
         Trainer.get_optimizer_cls_and_kwargs(training_args)  # a missing package (bitsandbytes, ...) shows here
     except (ValueError, ImportError) as err:
         raise ConfigError(f"the Trainer refuses these arguments: {str(err).strip().splitlines()[0]}") from err
+    check_mixed_precision(training_args.mixed_precision, precision)
+
+
+def check_mixed_precision(trainer_value: str, precision: Precision) -> None:
+    """The Trainer takes ACCELERATE_MIXED_PRECISION (set by `accelerate launch` from its config) where the profile
+    asks for neither bf16 nor fp16: fp32 would silently train in mixed precision."""
+    if trainer_value != precision.accelerate_name:
+        raise ConfigError(
+            f"accelerate's mixed_precision is {trainer_value!r} (ACCELERATE_MIXED_PRECISION, from `accelerate launch`'s "
+            f"config), but the {precision.name!r} precision means {precision.accelerate_name!r}: set "
+            f"mixed_precision: 'no' in the accelerate config (common/fsdp.yaml does); the profile sets the precision")
 
 
 def check_max_length(pairs: list[tuple[list[int], list[int]]], max_length: int) -> None:

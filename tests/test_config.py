@@ -96,6 +96,24 @@ def test_precision_and_pinned_memory_reach_the_training_arguments(tmp_path):
     assert not fp32.load_best_model_at_end and mixed.load_best_model_at_end and mixed.metric_for_best_model == "accuracy"
 
 
+def test_accelerate_launch_cannot_turn_fp32_into_mixed_precision(tmp_path, monkeypatch):
+    """`accelerate launch` exports its config's mixed_precision, which the Trainer takes where bf16 and fp16 are both
+    off: the baseline is refused rather than silently trained in bf16; the repository's FSDP config leaves it to the
+    profile."""
+    import yaml
+
+    from common.preflight import check_trainer_arguments
+
+    assert yaml.safe_load((ROOT / "common" / "fsdp.yaml").read_text())["mixed_precision"] == "no"
+    args, engine = parse_arguments(["--smoke"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="mixed_precision is 'bf16'.*'fp32' precision means 'no'"):
+        check_trainer_arguments(args, engine, baseline.PROFILE, resolve_precision("fp32"), tmp_path)
+    check_trainer_arguments(args, engine, modified.PROFILE, resolve_precision("mixed"), tmp_path)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_trainer_arguments(args, engine, baseline.PROFILE, resolve_precision("fp32"), tmp_path)
+
+
 def test_help_documents_every_argument_as_the_readme_spells_it():
     out = subprocess.run([sys.executable, "modified.py", "--help"], cwd=ROOT, check=False, capture_output=True,
                          text=True)

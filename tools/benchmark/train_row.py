@@ -154,6 +154,7 @@ def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dat
     from common.engine import apply_engine, usable_engine
     from common.models import count_parameters, load_model, load_tokenizer
     from common.precision import resolve_precision
+    from common.preflight import check_mixed_precision
     from common.training import training_argument_values
 
     tokenizer = load_tokenizer(model_name)
@@ -167,6 +168,7 @@ def prepare_workload(config: BenchConfig, model_name: str, total_steps: int, dat
     experiment = ExperimentArguments(model=model_name, batch_size=config.batch_size, max_steps=total_steps, seed=seed)
     values = training_argument_values(experiment, engine, config.profile, precision, run_dir)
     training_args = TrainingArguments(**{**values, **TIMING_ONLY})
+    check_mixed_precision(training_args.mixed_precision, precision)  # an accelerate config's cannot override it
     collator = CountingCollator(step_engine.collator(PadToLongest(tokenizer.pad_token_id,
                                                                   pad_to_multiple_of=engine.pad_to_multiple_of)))
     return Workload(model, engine, training_args, collator, features, count_parameters(model), step_engine)
