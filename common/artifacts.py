@@ -31,6 +31,17 @@ TIME_PHASES: tuple[tuple[str, str], ...] = (
     ("other", "what no phase above claims: the summary, metrics.json, the Trainer's teardown"),
 )
 
+
+def training_steps_tokens_per_s(timing: dict, tokens: float | None) -> float | None:
+    """metrics.json's timing.train_steps_tokens_per_s: non-padding `tokens` over the Trainer's train_runtime less the
+    selection passes and checkpoint saves it holds, i.e. the training steps alone; None where a field is missing."""
+    phases_s, runtime_s = timing.get("phases_s") or {}, timing.get("train_runtime_s")
+    if not tokens or not runtime_s or "select" not in phases_s or "checkpoint_save" not in phases_s:
+        return None
+    steps_s = runtime_s - phases_s["select"] - phases_s["checkpoint_save"]
+    return tokens / steps_s if steps_s > 0 else None
+
+
 # The phase column of densenetsmi.txt: what the run was doing when the sample was taken.
 MONITOR_PHASES = ("eval", "train", "select", "save", "load")
 

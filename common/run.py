@@ -239,10 +239,10 @@ def carry_out(experiment: Experiment) -> int:
             disk={"checkpoints_mib": checkpoints_mib, **experiment.disk_estimate},
             status=status,
         )
-        timing, tokens = metrics.data["timing"], metrics.data.get("train", {}).get("session_tokens")
-        if timing.get("train_runtime_s") and tokens:  # the Trainer's clock, less what it spent selecting and saving
-            steps_s = timing["train_runtime_s"] - timing["phases_s"]["select"] - timing["phases_s"]["checkpoint_save"]
-            metrics.update(timing={"train_steps_tokens_per_s": tokens / steps_s})
+        steps_tokens_per_s = artifacts.training_steps_tokens_per_s(
+            metrics.data["timing"], metrics.data.get("train", {}).get("session_tokens"))
+        if steps_tokens_per_s is not None:
+            metrics.update(timing={"train_steps_tokens_per_s": steps_tokens_per_s})
     if is_main_process():
         print(f"\n== {experiment.profile.name}: summary ({run_dir}) ==\n{summary_table(metrics.data)}")
         print(format_summary(metrics.data["memory"]["nvml"], torch_peaks))

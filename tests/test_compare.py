@@ -295,6 +295,18 @@ def test_time_table_puts_each_phase_side_by_side_and_says_what_is_not_recorded(t
     assert table_row(report.console, "train_steps") == table_row(section, "train_steps")  # printed too
 
 
+def test_training_step_throughput_is_recomputed_with_one_formula_for_runs_that_recorded_another(tmp_path: Path):
+    """Runs up to 2026-12-04 recorded it over the train_steps phase; a report beside a newer run must not divide two
+    formulas, so it is recomputed from the run's tokens, train runtime, selection and save seconds."""
+    phases = {**BASELINE_TIMING["phases_s"], "train_steps": 320.0, "select": 6.0, "checkpoint_save": 30.0}
+    old_formula = {**BASELINE_TIMING, "phases_s": phases, "train_steps_tokens_per_s": 1_650_000 / 320.0}
+    path = timing_run(tmp_path / "old-formula", old_formula)
+    metrics = json.loads((path / "metrics.json").read_text())
+    (path / "metrics.json").write_text(json.dumps({**metrics, "train": {"session_tokens": 1_650_000}}))
+    section = write_report([path], tmp_path / "out").markdown.split("## Where the time went (s)")[1].split("\n## ")[0]
+    assert table_row(section, "training-step throughput (non-padding tokens/s)")[1] == "5,000"  # 1.65 M / (366-6-30)
+
+
 def test_time_table_of_runs_without_phases_shows_the_totals_only(tmp_path: Path) -> None:
     runs = [timing_run(tmp_path / name, OLD_TIMING) for name in ("a", "b")]
     md = write_report(runs, tmp_path / "out").markdown

@@ -71,6 +71,14 @@ def time_phases(metrics: dict[str, Any]) -> dict[str, float] | None:
     return {name: float(s) for name, s in phases_s.items() if isinstance(s, (int, float))}
 
 
+def training_steps_tokens_per_s(run: Run) -> float | None:
+    """Non-padding tokens/s of the training steps alone, recomputed from the run's fields so that every run gets
+    today's formula (runs up to 2026-12-04 recorded it over the train_steps phase); else as the run recorded it."""
+    computed = artifacts.training_steps_tokens_per_s(run.metrics.get("timing") or {},
+                                                     get(run.metrics, "train", "session_tokens"))
+    return computed if computed is not None else get(run.metrics, "timing", "train_steps_tokens_per_s")
+
+
 def profile_settings(run: Run) -> dict[str, Any]:
     return run.metrics.get("settings") or run.config.get("profile") or {}
 

@@ -10,7 +10,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from common.artifacts import PHASES, TIME_PHASES
-from tools.compare.runs import PHASE_TITLES, Run, engine_settings, get, profile_settings, time_phases
+from tools.compare.runs import (
+    PHASE_TITLES,
+    Run,
+    engine_settings,
+    get,
+    profile_settings,
+    time_phases,
+    training_steps_tokens_per_s,
+)
 from tools.compare.stats import Comparison, wilson_interval
 
 NA = "n/a"
@@ -102,7 +110,7 @@ def measurement_rows(runs: Sequence[Run]) -> list[Row]:
     add("train throughput (samples/s)", lambda r: get(r.metrics, "timing", "train_samples_per_s"), "{:,.2f}")
     add("train throughput (non-padding tokens/s)", lambda r: get(r.metrics, "timing", "train_tokens_per_s"), "{:,.0f}")
     add("train throughput, training steps only (non-padding tokens/s)",
-        lambda r: get(r.metrics, "timing", "train_steps_tokens_per_s"), "{:,.0f}")
+        training_steps_tokens_per_s, "{:,.0f}")
     add("optimizer steps (count)", lambda r: get(r.metrics, "train", "optimizer_steps"), "{:,}")
     rows.extend(_nvml_rows(runs))
     for phase, title in TORCH_PHASE_TITLES.items():
@@ -184,7 +192,7 @@ def ratio_rows(runs: Sequence[Run]) -> list[Row]:
     saved = lambda base, value: 100 * (base - value) / base
     add("speed-up, train non-padding tokens/s (x)", lambda r: get(r.metrics, "timing", "train_tokens_per_s"), faster, "{:.2f}x")
     add("speed-up, training-step non-padding tokens/s (x)",
-        lambda r: get(r.metrics, "timing", "train_steps_tokens_per_s"), faster, "{:.2f}x")
+        training_steps_tokens_per_s, faster, "{:.2f}x")
     add("speed-up, train samples/s (x)", lambda r: get(r.metrics, "timing", "train_samples_per_s"), faster, "{:.2f}x")
     add("speed-up, train runtime (x, first's / this)", lambda r: get(r.metrics, "timing", "train_runtime_s"), shorter, "{:.2f}x")
     add("speed-up, wall time (x, first's / this)", lambda r: get(r.metrics, "timing", "wall_s"), shorter, "{:.2f}x")
@@ -237,7 +245,7 @@ def time_rows(runs: Sequence[Run]) -> list[list[str]]:
         [get(r.metrics, "timing", "train_runtime_s") for r in runs], "{:,.1f}")
     add("training-step throughput (non-padding tokens/s)",
         "non-padding tokens / (train runtime - selection passes - checkpoint saves): the training steps alone",
-        [get(r.metrics, "timing", "train_steps_tokens_per_s") for r in runs], "{:,.0f}", share=False)
+        [training_steps_tokens_per_s(r) for r in runs], "{:,.0f}", share=False)
     add("train throughput (non-padding tokens/s)",
         "non-padding tokens / train runtime: selection passes and saves included",
         [get(r.metrics, "timing", "train_tokens_per_s") for r in runs], "{:,.0f}", share=False)
