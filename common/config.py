@@ -46,8 +46,8 @@ class Profile:
 class EngineArguments:
     """How a training step is executed, shared by both scripts: each setting a flag, the same in both runs.
 
-    The defaults are the fastest the benchmark measured for both profiles on one 80 GB GPU
-    (docs/benchmarks.md); change them to fit a smaller card or to switch a kernel off.
+    The defaults are the fastest the benchmark measured for both profiles on one H200 (docs/benchmarks.md); the
+    memory plan (--fit-memory) fits them to a smaller card; a flag switches a kernel off.
     """
 
     gradient_accumulation_steps: int = field(

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from common.artifacts import GPU_LOG, GPU_LOG_COLUMNS, MONITOR_PHASES, PMON_LOG
-from common.monitor import MIB, GpuMonitor, format_summary, map_visible_devices, pmon, torch_peak_memory
+from common.memory import torch_peak_memory
+from common.monitor import MIB, GpuMonitor, format_summary, map_visible_devices, pmon
 
 UUIDS = ["GPU-aaaa1111-0000-0000-0000-000000000000", "GPU-bbbb2222-0000-0000-0000-000000000000"]
 

@@ -9,7 +9,7 @@ read the numbers.
 
 GpuMonitor puts together the parts: devices.py (NVML, the visible GPUs, one reading), sampling.py
 (the thread), log.py (the file and console lines), pmon.py (`nvidia-smi pmon`), summary.py
-(per-phase statistics, torch's peaks, the end-of-run lines).
+(per-phase statistics, the end-of-run lines beside torch's peaks, which common/memory.py measures).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from types import TracebackType
 from typing import Any
 
 from common.artifacts import MONITOR_PHASES, PMON_LOG
-from common.memory import torch_peak_memory
 from common.monitor.devices import MIB, GpuInfo, MonitorOff, NvmlGpus, map_visible_devices
 from common.monitor.log import GpuLog
 from common.monitor.pmon import Pmon
 from common.monitor.sampling import Sampler
 from common.monitor.summary import format_summary
 
-__all__ = ["MIB", "GpuInfo", "GpuMonitor", "format_summary", "map_visible_devices", "torch_peak_memory"]
+__all__ = ["MIB", "GpuInfo", "GpuMonitor", "format_summary", "map_visible_devices"]
 
 
 class GpuMonitor:
