@@ -151,11 +151,36 @@ def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path)
 
 
 @pytest.mark.slow  # starts a process of its own (seconds)
-def test_nproc_is_checked_up_front():
-    for extra, message in ((["--nproc", "0"], "at least 1"), (["--nproc", "2", "--no-fork"], "--no-fork")):
+def test_nproc_and_warmup_are_checked_up_front():
+    for extra, message in ((["--nproc", "0"], "at least 1"), (["--nproc", "2", "--no-fork"], "--no-fork"),
+                           (["--warmup-steps", "0"], "--warmup-steps must be at least 1")):
         done = subprocess.run([sys.executable, "-m", "tools.benchmark", "--configs", "modified", *extra],
                               cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr
+
+
+def test_each_timed_step_gets_its_own_micro_batches_when_an_epoch_ends_in_a_short_step():
+    """Accumulation 4 over 6 micro-batches an epoch: steps of 4, 2 (the epoch's rest), 4, ... The timer counts the
+    Trainer's micro-batches per step, so a short step does not shift the tokens of every step after it."""
+    from types import SimpleNamespace
+
+    from tools.benchmark.timing import CountingCollator, make_step_timer, measure
+
+    timer, state, control = make_step_timer(1, 3, math.inf), SimpleNamespace(num_input_tokens_seen=0), None
+    collator = CountingCollator(inner=None)
+    timer.on_train_begin(None, state, control)
+    for micro_batches in ([1, 2, 3, 4], [5, 6], [7, 8, 9, 10], [11, 12]):  # a micro-batch of k real tokens: k
+        timer.on_step_begin(None, state, control)
+        for k in micro_batches:
+            collator.batches.append((k, 10 * k, k))
+        state.num_input_tokens_seen += sum(micro_batches)
+        for _ in micro_batches[1:]:
+            timer.on_substep_end(None, state, control)
+        timer.on_step_end(None, state, control)
+    measured = measure(timer, collator, warmup_steps=1, ranks=1)
+    assert measured.real == [5 + 6, 7 + 8 + 9 + 10, 11 + 12]
+    assert measured.trainer_counted == sum(measured.real)
+    assert [b[0] for b in measured.micro_batches] == list(range(5, 13))
 
 
 def test_the_grid_adds_one_engine_setting_per_row_for_both_profiles():
@@ -252,6 +277,13 @@ def test_profiled_row_reports_where_the_time_went(tmp_path):
     assert summary["steps"] == 3 and summary["wall_ms_per_step"] > 0
     assert summary["device_busy_ms_per_step"] == 0  # no GPU: no kernel-level events, and operators not counted
     assert summary["top_self_cpu_ms_per_step"]
+    # The profiled copy is not a grid row: the grid's fp32 cell is the row timed without the profiler.
+    from tools.benchmark.tables import format_grid
+
+    assert rows["baseline[profiled]"]["group"] == "profiled"
+    grid_line = next(line for line in format_grid(list(rows.values())).splitlines()
+                     if line.startswith(f"| {rows['baseline']['row']} |"))
+    assert grid_line.split("|")[2].strip() == f"{rows['baseline']['tokens_per_s']:,.0f}"
 
 
 @pytest.mark.slow  # a torchrun / accelerate launch

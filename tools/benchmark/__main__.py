@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
     if options.nproc < 1:
         parser.error("--nproc must be at least 1")
+    if options.warmup_steps < 1:
+        parser.error("--warmup-steps must be at least 1: a timed step is measured from the end of the one before it")
+    if options.steps < 1:
+        parser.error("--steps must be at least 1")
     if options.fsdp and options.nproc < 2:
         parser.error("--fsdp shards over several GPUs: give --nproc 2 or more")
     if options.nproc > 1 and options.no_fork:
@@ -145,7 +149,7 @@ def plan_jobs(options, every: list[BenchConfig], chosen: list[BenchConfig], leng
         if target is None or target.engine_path == PLAIN_LOOP:
             parser.error(f"--profile {options.profile}: no such configuration of the HF Trainer")
         position = next((i + 1 for i, job in enumerate(jobs) if job[0] == options.profile), len(jobs))
-        profiled = dataclasses.replace(target, name=f"{options.profile}[profiled]")
+        profiled = dataclasses.replace(target, name=f"{options.profile}[profiled]", group="profiled")  # not in the grid
         jobs.insert(position, config_job(options, profiled, lengths, 3))
     names = [n.strip() for n in options.configs.split(",")]
     if options.eval_examples > 0 and (options.configs == "all" or "evaluation" in names):

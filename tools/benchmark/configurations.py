@@ -41,7 +41,7 @@ PLAIN_LOOP = "plain loop"  # the reference: the same workload and arithmetic in 
 @dataclass(frozen=True)
 class BenchConfig:
     name: str
-    group: str  # "grid" (engine row x precision column), "reference" or "explore"
+    group: str  # "grid" (engine row x precision column), "reference", "explore" or "profiled" (--profile's copy)
     profile: Profile
     engine: EngineArguments
     row: str = ""  # the grid's row label

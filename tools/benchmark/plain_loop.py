@@ -67,7 +67,7 @@ def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_step
     bench = set_up(config, model_name, warmup_steps + timed_steps, dataset_size, seed, lengths)
     final_loss = train(bench, config, warmup_steps + timed_steps, timer, seed)
     wall_s = time.perf_counter() - started
-    measured = measure(timer, bench.collator, warmup_steps, config.engine.gradient_accumulation_steps, 1)
+    measured = measure(timer, bench.collator, warmup_steps, 1)
     row = {
         **configuration_fields(config, bench.engine, bench.training_args),
         "trainer_twin": config.twin,
@@ -207,6 +207,8 @@ def train(bench: PlainSetup, config: BenchConfig, total_steps: int, timer, seed:
         timer.on_step_begin(None, state, control)
         losses.append(optimizer_step(bench, micro_batches))
         state.num_input_tokens_seen += tokens
+        for _ in micro_batches[1:]:  # the Trainer's call after each micro-batch but the step's last
+            timer.on_substep_end(None, state, control)
         done += 1
         timer.on_step_end(None, state, control)
         if control.should_training_stop or done >= total_steps:

@@ -69,6 +69,11 @@ def make_step_timer(warmup_steps: int, steps: int, max_measure_s: float):
             self.begins: list[float] = []
             self.ends: list[float] = []
             self.tokens_seen: list[int] = []
+            self.micro_batches_done: list[int] = []  # at each step's end: micro-batches so far (an epoch's last step
+            self._micro_batches = 0                  # may have fewer than the accumulation steps)
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self._micro_batches += 1
 
         def on_train_begin(self, args, state, control, **kwargs):
             synchronize()
@@ -83,6 +88,8 @@ def make_step_timer(warmup_steps: int, steps: int, max_measure_s: float):
             now = time.perf_counter()
             self.ends.append(now)
             self.tokens_seen.append(state.num_input_tokens_seen)
+            self._micro_batches += 1
+            self.micro_batches_done.append(self._micro_batches)
             timed = len(self.ends) - warmup_steps
             if timed >= 3 and timed < steps and now - self.ends[warmup_steps - 1] > max_measure_s:
                 control.should_training_stop = True  # slow configuration: enough steps for a median
@@ -198,25 +205,27 @@ def combine_ranks(step_s, compute_s, real, total, peak_allocated, peak_reserved)
             [sum(t) for t in zip(*totals)], peak(allocated), peak(reserved))
 
 
-def measure(timer, collator: CountingCollator, warmup_steps: int, accumulation: int, ranks: int) -> Measured:
+def measure(timer, collator: CountingCollator, warmup_steps: int, ranks: int) -> Measured:
     """The timed steps' times, tokens (the collator's batches of each step) and memory peaks; all ranks' under DDP."""
     peak_allocated, peak_reserved = peak_memory_gib()
     done = len(timer.ends)
-    if done <= warmup_steps:
-        raise RuntimeError(f"only {done} optimizer steps ran; {warmup_steps} warm-up steps asked for")
+    if warmup_steps < 1 or done <= warmup_steps:
+        raise RuntimeError(f"{done} optimizer steps ran, {warmup_steps} warm-up steps asked for: need at least one of "
+                           "each")
     step_s, compute_s, real, total = [], [], [], []
-    micro_batches = collator.batches[warmup_steps * accumulation : done * accumulation]
+    bounds = timer.micro_batches_done  # the collator's batches of step i: bounds[i - 1] to bounds[i]
+    micro_batches = collator.batches[bounds[warmup_steps - 1] : bounds[done - 1]]
     for i in range(warmup_steps, done):
         step_s.append(timer.ends[i] - timer.ends[i - 1])  # end to end: data, forward/backward, optimizer
         compute_s.append(timer.ends[i] - timer.begins[i])  # batches already on the device
-        batches = collator.batches[i * accumulation : (i + 1) * accumulation]
+        batches = collator.batches[bounds[i - 1] : bounds[i]]
         real.append(sum(b[0] for b in batches))
         total.append(sum(b[1] for b in batches))
     trainer_counted = timer.tokens_seen[done - 1] - timer.tokens_seen[warmup_steps - 1]  # all ranks (Trainer gathers)
     if ranks > 1:
         step_s, compute_s, real, total, peak_allocated, peak_reserved = combine_ranks(
             step_s, compute_s, real, total, peak_allocated, peak_reserved)
-    warmup_s = timer.ends[warmup_steps - 1] - timer.train_begin if warmup_steps else 0.0
+    warmup_s = timer.ends[warmup_steps - 1] - timer.train_begin
     return Measured(step_s, compute_s, real, total, trainer_counted, micro_batches, warmup_s, peak_allocated,
                     peak_reserved)
 

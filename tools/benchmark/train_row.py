@@ -79,7 +79,7 @@ def run_config(
                    callbacks=[timer] + ([profiler] if profiler else []))
     output = bench.trainer.train()
     wall_s = time.perf_counter() - started
-    measured = measure(timer, bench.collator, warmup_steps, config.engine.gradient_accumulation_steps, ranks)
+    measured = measure(timer, bench.collator, warmup_steps, ranks)
     row = {
         **configuration_fields(config, bench.engine, bench.training_args),
         "applied": applied_fields(bench.trainer, bench.model),
