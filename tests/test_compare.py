@@ -307,6 +307,20 @@ def test_training_step_throughput_is_recomputed_with_one_formula_for_runs_that_r
     assert table_row(section, "training-step throughput (non-padding tokens/s)")[1] == "5,000"  # 1.65 M / (366-6-30)
 
 
+def test_a_resumed_run_and_a_different_gpu_count_are_warned_about(tmp_path: Path) -> None:
+    whole = timing_run(tmp_path / "whole", BASELINE_TIMING)
+    resumed = timing_run(tmp_path / "resumed", MODIFIED_TIMING)
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    metrics.update(world_size=2, train={"resumed_from": "checkpoint-16", "optimizer_steps": 48})
+    (resumed / "metrics.json").write_text(json.dumps(metrics))
+    (whole / "metrics.json").write_text(json.dumps({**json.loads((whole / "metrics.json").read_text()), "world_size": 1}))
+    md = write_report([whole, resumed], tmp_path / "out").markdown
+    assert "resumed was resumed (from checkpoint-16)" in md and "cover the last session only" in md
+    assert "different numbers of GPUs (whole=1, resumed=2)" in md
+    alone = write_report([whole, timing_run(tmp_path / "again", BASELINE_TIMING)], tmp_path / "out2").markdown
+    assert "was resumed" not in alone and "numbers of GPUs" not in alone
+
+
 def test_time_table_of_runs_without_phases_shows_the_totals_only(tmp_path: Path) -> None:
     runs = [timing_run(tmp_path / name, OLD_TIMING) for name in ("a", "b")]
     md = write_report(runs, tmp_path / "out").markdown

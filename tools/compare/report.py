@@ -110,7 +110,7 @@ def _time_section(runs: Sequence[Run], table: str, has_plot: bool) -> str:
 
 
 def experiment_differences(runs: Sequence[Run]) -> list[str]:
-    """Experiment arguments and engine settings (meant to be identical across runs) that are not."""
+    """Experiment arguments, engine settings and set-up (meant to be identical across runs) that are not."""
     configs = [get(r.config, "experiment") or {} for r in runs]
     known = [c for c in configs if c]
     keys = sorted({k for c in known for k in c} - set(IGNORED_EXPERIMENT_KEYS))
@@ -129,6 +129,14 @@ def experiment_differences(runs: Sequence[Run]) -> list[str]:
     devices = {get(r.metrics, "environment", "device") for r in runs} - {None}
     if len(devices) > 1:
         notes.append(f"the runs ran on different devices ({', '.join(sorted(devices))}): speed and memory differ by card too")
+    world_sizes = [get(r.metrics, "world_size") for r in runs]
+    if len(set(world_sizes) - {None}) > 1:
+        pairs = ", ".join(f"{r.label}={w}" for r, w in zip(runs, world_sizes) if w is not None)
+        notes.append(f"the runs used different numbers of GPUs ({pairs}): throughput is over all GPUs, memory per GPU")
+    for r in runs:
+        if get(r.metrics, "train", "resumed_from"):
+            notes.append(f"{r.label} was resumed (from {get(r.metrics, 'train', 'resumed_from')}): its wall clock, train "
+                         "runtime and time phases cover the last session only, so their ratios do not compare whole runs")
     return notes
 
 
