@@ -183,6 +183,21 @@ def test_each_timed_step_gets_its_own_micro_batches_when_an_epoch_ends_in_a_shor
     assert [b[0] for b in measured.micro_batches] == list(range(5, 13))
 
 
+def test_a_mega_batch_of_length_grouped_steps_counts_the_sampler_batch_of_one_rank():
+    """The Trainer's LengthGroupedSampler groups batches of one rank's examples (128 / 2 under two GPUs) fifty at a
+    time, and each optimizer step takes one such batch per rank: 50 x 64 examples are 25 steps, not 31."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from tools.benchmark.timing import mega_batch_steps
+
+    assert mega_batch_steps(16_000, 128) == 31 and mega_batch_steps(16_000, 128, ranks=2) == 25
+    # The sampler's own mega-batch: the first lengths a sorted run holds, for 64 examples a batch.
+    lengths = list(range(16_000))
+    indices = get_length_grouped_indices(lengths, 64, generator=torch.Generator().manual_seed(0))
+    rises = [i for i in range(1, len(indices)) if lengths[indices[i]] > lengths[indices[i - 1]]]
+    assert rises[0] == 50 * 64 == mega_batch_steps(16_000, 128, ranks=2) * 128
+
+
 def test_the_grid_adds_one_engine_setting_per_row_for_both_profiles():
     from common import profiles
     from common.config import EngineArguments

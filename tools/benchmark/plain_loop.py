@@ -62,7 +62,7 @@ def run_plain_loop(config: BenchConfig, model_name: str, steps: int, warmup_step
     configure_allocator(config.engine)  # before prepare_device starts CUDA
     device_name = prepare_device()
     started = time.perf_counter()
-    timed_steps = timed_step_count(config, steps, dataset_size)
+    timed_steps = timed_step_count(config, steps, dataset_size, ranks=1)  # one GPU only
     timer = make_step_timer(warmup_steps, timed_steps, max_measure_s)
     bench = set_up(config, model_name, warmup_steps + timed_steps, dataset_size, seed, lengths)
     final_loss = train(bench, config, warmup_steps + timed_steps, timer, seed)

@@ -3,6 +3,7 @@ collator that counts real and padded tokens, and the arithmetic over them (ranks
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -230,6 +231,9 @@ def measure(timer, collator: CountingCollator, warmup_steps: int, ranks: int) ->
                     peak_reserved)
 
 
-def mega_batch_steps(examples: int, batch_size: int) -> int:
-    """Optimizer steps in one mega-batch of transformers' LengthGroupedSampler (its own default multiplier)."""
-    return max(1, min(examples // (batch_size * 4), 50))
+def mega_batch_steps(examples: int, batch_size: int, ranks: int = 1) -> int:
+    """Optimizer steps in one mega-batch of transformers' LengthGroupedSampler (its own default multiplier). The
+    Trainer gives the sampler one rank's examples per step; each step takes one such batch per rank."""
+    sampler_batch = batch_size // ranks
+    batches = max(1, min(examples // (sampler_batch * 4), 50))
+    return math.ceil(batches / ranks)

@@ -72,7 +72,7 @@ def run_config(
         max_measure_s = math.inf  # every rank must stop at the same step: a count, not a clock
     device = prepare_device()
     started = time.perf_counter()
-    timed_steps = profile_steps or timed_step_count(config, steps, dataset_size)
+    timed_steps = profile_steps or timed_step_count(config, steps, dataset_size, ranks)
     timer = make_step_timer(warmup_steps, timed_steps, max_measure_s)
     profiler = make_profiler_callback(warmup_steps) if profile_steps else None
     bench = set_up(config, model_name, warmup_steps + timed_steps, dataset_size, seed, lengths,
@@ -124,10 +124,10 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def timed_step_count(config: BenchConfig, steps: int, dataset_size: int) -> int:
+def timed_step_count(config: BenchConfig, steps: int, dataset_size: int, ranks: int) -> int:
     """`steps`; for length-grouped batches at least one whole mega-batch, so the steps span PIQA's lengths."""
     if config.engine.train_sampling_strategy == "group_by_length":
-        return max(steps, mega_batch_steps(dataset_size, config.batch_size))
+        return max(steps, mega_batch_steps(dataset_size, config.batch_size, ranks))
     return steps
 
 
