@@ -114,6 +114,7 @@ class PendingWrite:
     started_s: float = field(default_factory=time.perf_counter)
     also_weights_to: list = field(default_factory=list)  # directories that get the model files too (the final model)
     closed: bool = False  # the thread took the last of also_weights_to
+    complete: bool = False  # the caller wrote the small files: the checkpoint may be renamed into place
 
 
 class CheckpointWriter:
@@ -185,6 +186,11 @@ class CheckpointWriter:
 
     def small_files_written(self) -> None:
         """The caller's files are in the staging directory: the rename may happen once the large ones are too."""
+        self._pending.complete = True
+        self._ready.set()
+
+    def abandon(self) -> None:
+        """The caller could not write the small files: the staged checkpoint is deleted, never renamed into place."""
         self._ready.set()
 
     def _write(self, pending: PendingWrite) -> None:
@@ -198,6 +204,10 @@ class CheckpointWriter:
             if optimizer_writer is not None:
                 optimizer_writer.join()
             self._ready.wait()
+            if not pending.complete:  # abandoned: a checkpoint-N without its trainer state would be resumed from
+                shutil.rmtree(pending.staging, ignore_errors=True)
+                pending.closed = True
+                return
             if pending.final.exists():
                 shutil.rmtree(pending.final)  # a checkpoint of the same step from an earlier session (resume)
             os.replace(pending.staging, pending.final)
@@ -227,7 +237,7 @@ class CheckpointWriter:
     def wait(self) -> None:
         """Block until the write in progress is complete; raise its error, if it had one."""
         if self._thread is not None:
-            self._ready.set()  # a caller that failed before small_files_written must not hang the thread
+            self._ready.set()  # a caller that failed before small_files_written must not hang it: abandoned
             self._thread.join()
             self._thread = None
         if self._error is not None:

@@ -7,6 +7,7 @@ management and pinned memory.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -324,3 +325,22 @@ def parse_arguments(argv: list[str] | None = None, description: str | None = Non
 
 def resolved_config(args: ExperimentArguments, engine: EngineArguments, profile: Profile) -> dict:
     return {"experiment": redact(asdict(args)), "engine": asdict(engine), "profile": asdict(profile)}
+
+
+# Where and how a run was started, not what it measures: a --resume may give these differently.
+HOW_STARTED = ("output_dir", "overwrite", "resume", "token", "monitor_interval", "pmon")
+
+
+def check_resumes_the_same_run(saved: dict, args: ExperimentArguments, profile: Profile) -> None:
+    """--resume continues the run its config.json (`saved`) records: the same profile and experiment. The engine may
+    differ (another card may need another memory plan); a different seed, data or schedule would mix two experiments."""
+    if saved.get("profile") not in (None, asdict(profile)):
+        raise ConfigError(f"--resume: the run was made by {saved['profile'].get('name', '?')}.py, not this script")
+    now = json.loads(json.dumps(redact(asdict(args))))  # as config.json holds it
+    recorded = saved.get("experiment") or {}
+    differing = [f"--{k.replace('_', '-')} {recorded[k]!r} -> {now[k]!r}" for k in sorted(set(now) & set(recorded))
+                 if k not in HOW_STARTED and recorded[k] != now[k]]
+    if differing:
+        raise ConfigError(f"--resume continues the run as it was started, but {'; '.join(differing)}: give the run's "
+                          "own values (python3 SCRIPT RUN_DIR/config.json --resume), or start a new run with "
+                          "--output-dir")

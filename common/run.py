@@ -20,7 +20,15 @@ import torch
 
 from common import artifacts, distributed, hub, runlock
 from common.checkpoint_writer import CheckpointWriter, adam_moments, link_model_files
-from common.config import ConfigError, EngineArguments, ExperimentArguments, Profile, parse_arguments, resolved_config
+from common.config import (
+    ConfigError,
+    EngineArguments,
+    ExperimentArguments,
+    Profile,
+    check_resumes_the_same_run,
+    parse_arguments,
+    resolved_config,
+)
 from common.data import (
     HUB_DATASET,
     DataError,
@@ -130,6 +138,8 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     if is_main_process():  # rank 0 holds the run directory for every rank
         runlock.check_not_in_use(run_dir)  # one run per directory (common/runlock.py)
     resume_from = check_run_dir(run_dir, args.overwrite, args.resume, args.model, args.eval_only)
+    if resume_from and (run_dir / artifacts.CONFIG).is_file():
+        check_resumes_the_same_run(json.loads((run_dir / artifacts.CONFIG).read_text()), args, profile)
     if is_main_process():
         runlock.acquire(run_dir)  # held until the run ends
     check_model_path(args.model)
@@ -221,6 +231,7 @@ def carry_out(experiment: Experiment) -> int:
                 with torch_peak_memory("train", torch_peaks), phases.phase("train_steps"):
                     trainer = train(experiment, phases, metrics)
                 trainer.peaks.fold_into_phases(torch_peaks)  # the selection passes apart from training
+                trainer.free_optimizer_state()
                 experiment.model = trainer.model
                 with torch_peak_memory("eval", torch_peaks, empty_cache=True), phases.phase("eval_fine_tuned"):
                     report_accuracy(experiment, "fine_tuned", metrics)

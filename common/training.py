@@ -173,7 +173,7 @@ class PiqaTrainer(EngineTrainer):
         self.writer = writer  # None: the Trainer's own checkpoint saving, on the training thread
         self._staged_step = -1  # global step of the last checkpoint staged for the writer
         self._loaded_best = False
-        self._best_in_memory: str | None = None  # the best checkpoint, while the Trainer must not look for it
+        self._best_hidden: str | None = None  # the best checkpoint, while the Trainer must not look for it
         self.first_step_memory = FirstStepMemory()
         self.add_callback(self.first_step_memory)
 
@@ -181,26 +181,38 @@ class PiqaTrainer(EngineTrainer):
         try:
             return super().train(*args, **kwargs)
         except BaseException:
-            self.finish_checkpoints()  # no write is left running when train() fails
+            self.wait_for_checkpoints()  # no write left running; every checkpoint kept, for --resume
             raise
         finally:
-            if self._best_in_memory is not None:  # see _load_best_model
-                self.state.best_model_checkpoint, self._best_in_memory = self._best_in_memory, None
+            if self._best_hidden is not None:  # see _load_best_model
+                self.state.best_model_checkpoint, self._best_hidden = self._best_hidden, None
 
-    def finish_checkpoints(self) -> None:
-        """Wait for the background writes (they overlap the final evaluation and save); then keep only the best
-        checkpoint where save_total_limit is 1, as the Trainer does at the end of train()."""
+    def wait_for_checkpoints(self) -> None:
+        """Wait for the background writes (they overlap the final evaluation and save); raises a write's error."""
         if self.writer is None:
             return
         if self.writer.busy:
             with self.phases.phase("checkpoint_wait"):
                 self.writer.wait()
-        self.writer.close()  # raises a write's error
+        self.writer.close()
+
+    def finish_checkpoints(self) -> None:
+        """Once training has finished: wait for the writes, then keep only the best checkpoint where save_total_limit
+        is 1, as the Trainer does at the end of train()."""
+        if self.writer is None:
+            return
+        self.wait_for_checkpoints()
         best = self.state.best_model_checkpoint
         if self.args.should_save and best and self.args.save_total_limit == 1:
             for checkpoint in artifacts.checkpoints(Path(self.args.output_dir)):
                 if checkpoint.resolve() != Path(best).resolve():
                     shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def free_optimizer_state(self) -> None:
+        """After training: the optimizer's state (AdamW: 8 bytes a parameter) is in the checkpoints and not needed
+        again; freed so that the fine-tuned evaluation's memory peak is the evaluation's."""
+        if self.optimizer is not None:
+            getattr(self.optimizer, "optimizer", self.optimizer).state.clear()  # accelerate's wrapper shares it
 
     def weights_as_staged(self) -> bool:
         """The model's weights are those of the last checkpoint staged (no step and no load since)."""
@@ -276,9 +288,12 @@ class PiqaTrainer(EngineTrainer):
                 torch.save(self.args, staging / "training_args.bin")
                 self._save_trainer_state(staging)
             distributed.barrier()
-        finally:
+        except BaseException:
             if self.args.should_save:
-                self.writer.small_files_written()
+                self.writer.abandon()  # no checkpoint-N without its small files
+            raise
+        if self.args.should_save:
+            self.writer.small_files_written()
 
     def _save_trainer_state(self, directory: Path) -> None:
         """trainer_state.json, with the stateful callbacks' state, as the Trainer writes it."""
@@ -296,16 +311,18 @@ class PiqaTrainer(EngineTrainer):
         best = self.state.best_model_checkpoint
         if self.weights_as_staged() and Path(best).name == f"checkpoint-{self._staged_step}":
             # The best is the last checkpoint, staged from the weights the model still holds: nothing to load, and
-            # no need to wait for its write. The Trainer's end-of-train cleanup would look for it on disk, so it
-            # sees no best until train() returns; finish_checkpoints does that cleanup once the write is complete.
+            # no need to wait for its write.
             if distributed.is_main_process():
                 print(f"the best checkpoint is the last, {best} (selection accuracy {self.state.best_metric:.2f} %): "
                       "the model holds its weights already")
-            self._best_in_memory, self.state.best_model_checkpoint = best, None
-            return
-        with self.phases.phase("load_best"):
-            super()._load_best_model()
-        self._loaded_best = True
+        else:
+            with self.phases.phase("load_best"):
+                super()._load_best_model()  # an earlier checkpoint: complete, since each save waits for the last
+            self._loaded_best = True
+        if self.writer is not None:
+            # The Trainer's end-of-train cleanup lists and deletes checkpoints while the last one may still be renamed
+            # and rotated in the background: it sees no best until train() returns, and finish_checkpoints cleans up.
+            self._best_hidden, self.state.best_model_checkpoint = best, None
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """A checkpoint holds a tied output projection once, under the input embeddings' name: say so in one line,

@@ -88,6 +88,24 @@ def test_an_interrupted_write_is_never_resumed_from(tmp_path, trained, monkeypat
     assert check_run_dir(tmp_path, overwrite=False, resume=True) == good  # what --resume passes it
 
 
+@pytest.mark.parametrize("how", ["abandon", "wait"])
+def test_a_checkpoint_whose_small_files_failed_is_never_renamed_into_place(tmp_path, trained, how):
+    """The training thread failed while writing trainer_state.json and the rest: abandoned explicitly, or just waited
+    for (an exception's clean-up), the staged checkpoint is deleted instead of becoming a checkpoint-N to resume."""
+    model, optimizer = trained
+    writer = CheckpointWriter(model, pin=False)
+    good = save(writer, tmp_path, 2, model, optimizer)
+    writer.stage(tmp_path / "checkpoint-4", model.state_dict(), optimizer.state_dict())  # no small files follow
+    if how == "abandon":
+        writer.abandon()
+    writer.wait()
+    assert artifacts.checkpoints(tmp_path) == [good]
+    assert not (tmp_path / "tmp-checkpoint-4").exists()
+    save(writer, tmp_path, 6, model, optimizer)  # the writer goes on
+    writer.wait()
+    assert artifacts.checkpoints(tmp_path) == [good, tmp_path / "checkpoint-6"]
+
+
 def test_final_model_is_the_best_checkpoint_with_its_projection_tied(smoke_runs):
     run_dir = smoke_runs["modified.py"]
     best = run_dir / Path(json.loads((run_dir / artifacts.METRICS).read_text())["train"]["best_checkpoint"]).name

@@ -233,3 +233,18 @@ def test_a_runs_config_json_is_refused_by_the_other_script(tmp_path, capsys):
         parse_arguments([str(path)], profile=profiles.BASELINE)
     assert capsys.readouterr().err == (f"error: {path}: written by a run of modified.py (its profile section): "
                                        f"run python3 modified.py {path}\n")
+
+
+def test_a_resume_must_continue_the_recorded_experiment_with_the_same_script():
+    from common.config import check_resumes_the_same_run
+
+    args, engine = parse_arguments(["--smoke"])
+    saved = json.loads(json.dumps(resolved_config(args, engine, profiles.MODIFIED)))  # as config.json holds it
+    check_resumes_the_same_run(saved, args, profiles.MODIFIED)
+    moved, _ = parse_arguments(["--smoke", "--output-dir", "elsewhere", "--resume", "--gradient-accumulation-steps", "2"])
+    check_resumes_the_same_run(saved, moved, profiles.MODIFIED)  # where and how it runs may change
+    other, _ = parse_arguments(["--smoke", "--seed", "7", "--learning-rate", "0.5"])
+    with pytest.raises(ConfigError, match=r"--learning-rate 0.001 -> 0.5; --seed 42 -> 7"):
+        check_resumes_the_same_run(saved, other, profiles.MODIFIED)
+    with pytest.raises(ConfigError, match="made by modified.py"):
+        check_resumes_the_same_run(saved, args, profiles.BASELINE)

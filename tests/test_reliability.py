@@ -89,28 +89,36 @@ def test_signal_at_any_moment_exits_non_zero_cleanly(tmp_path, delay_s):
 
 @pytest.mark.slow
 def test_resume_ends_with_the_same_number_of_steps(tmp_path):
+    """Interrupted after two epochs, every checkpoint is kept (the newest is the one to resume from, whichever was
+    best); a resume that changes the experiment is refused; the resumed run finishes with the best epoch's alone."""
     run_dir = tmp_path / "run"
-    epochs = 6
-    process = start("modified.py", "--output-dir", str(run_dir), "--num-train-epochs", str(epochs))
-    wait_for(run_dir / f"checkpoint-{STEPS_PER_EPOCH}" / "trainer_state.json", process)
+    epochs, options = 6, ("--learning-rate", "1e-2")  # a high rate: later epochs select worse, the best is an early one
+    process = start("modified.py", "--output-dir", str(run_dir), "--num-train-epochs", str(epochs), *options)
+    wait_for(run_dir / f"checkpoint-{2 * STEPS_PER_EPOCH}" / "trainer_state.json", process)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    assert (run_dir / f"checkpoint-{2 * STEPS_PER_EPOCH}" / "trainer_state.json").is_file()
 
-    refused = subprocess.run([sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir),
-                              "--num-train-epochs", str(epochs)],
-                             cwd=ROOT, env=ENV, check=False, capture_output=True, text=True)
+    def again(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir),
+                               "--num-train-epochs", str(epochs), *options, *argv],
+                              cwd=ROOT, env=ENV, check=False, capture_output=True, text=True, timeout=300)
+
+    refused = again()
     assert refused.returncode == 2 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    changed = again("--resume", "--seed", "7")
+    assert changed.returncode == 2 and "--seed 42 -> 7" in changed.stderr and "Traceback" not in changed.stderr
 
-    resumed = subprocess.run([sys.executable, "modified.py", "--smoke", "--output-dir", str(run_dir),
-                              "--num-train-epochs", str(epochs), "--resume"],
-                             cwd=ROOT, env=ENV, check=False, capture_output=True, text=True, timeout=300)
+    resumed = again("--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
+    assert f"resuming from {run_dir / f'checkpoint-{2 * STEPS_PER_EPOCH}'}" in resumed.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     assert metrics["train"]["optimizer_steps"] == epochs * STEPS_PER_EPOCH
     assert metrics["train"]["resumed_from"]
+    best = metrics["train"]["best_checkpoint"]
+    assert [p.name for p in sorted(run_dir.glob("checkpoint-*"))] == [Path(best).name]  # save_total_limit 1
 
 
 @pytest.mark.slow  # starts a process of its own (seconds)

@@ -98,3 +98,19 @@ def test_the_allocator_setting_leaves_a_users_own_alone(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     configure_allocator(EngineArguments())
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_the_optimizer_state_is_freed_before_the_fine_tuned_evaluation():
+    """After training nothing reads AdamW's moments again (the checkpoints hold them): the fine-tuned evaluation's
+    memory peak must not carry them. Through a wrapper like accelerate's, as the Trainer holds the optimizer."""
+    from types import SimpleNamespace
+
+    from common.training import PiqaTrainer
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    assert len(optimizer.state) == 2  # weight and bias, each with its moments
+    PiqaTrainer.free_optimizer_state(SimpleNamespace(optimizer=SimpleNamespace(optimizer=optimizer)))
+    assert len(optimizer.state) == 0
