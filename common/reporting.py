@@ -78,7 +78,8 @@ def summary_table(metrics: dict) -> str:
     if "wall_s" in timing:
         rows.extend(time_phase_rows(timing))
     add("optimizer steps", train.get("optimizer_steps"))
-    add("train loss, mean over the run", train.get("mean_loss", train.get("final_loss")), "{:.4f}")
+    add(f"train loss, mean over {'this session' if train.get('resumed_from') else 'the run'}",
+        train.get("mean_loss", train.get("final_loss")), "{:.4f}")
     add("train loss, last logged step", (train.get("loss_per_step") or [{}])[-1].get("loss"), "{:.4f}")
     for phase in ("zero_shot", "fine_tuned"):
         # An --eval-only run evaluates --model as given (recorded under zero_shot): name it, not a phase it lacks.

@@ -136,7 +136,8 @@ def experiment_differences(runs: Sequence[Run]) -> list[str]:
     for r in runs:
         if get(r.metrics, "train", "resumed_from"):
             notes.append(f"{r.label} was resumed (from {get(r.metrics, 'train', 'resumed_from')}): its wall clock, train "
-                         "runtime and time phases cover the last session only, so their ratios do not compare whole runs")
+                         "runtime, time phases and mean train loss cover the last session only, so they do not compare "
+                         "whole runs")
     return notes
 
 
