@@ -179,7 +179,8 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     clock.lap("engine")
     disk_estimate = {}
     if not args.eval_only and not resume_from:
-        epochs = math.ceil(args.num_train_epochs)
+        steps_per_epoch = math.ceil(len(features) / args.batch_size)
+        epochs = math.ceil(args.max_steps / steps_per_epoch) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
         disk_estimate = check_disk(run_dir, count_parameters(model), profile, engine.optim, epochs)
     distributed.barrier()  # every rank has checked the run directory before rank 0 changes it
     if is_main_process():

@@ -135,11 +135,11 @@ def checkpoint_bytes(parameter_count: int, optim: str) -> int:
 
 
 def checkpoints_kept(profile: Profile, epochs: int) -> int:
-    """At most how many checkpoints sit on disk at once."""
+    """At most how many checkpoints sit on disk at once: those kept (with load_best_model_at_end, the best one beside
+    the newest), and the next one, written in full before the rotation removes the oldest."""
     if profile.save_total_limit is None:
         return epochs
-    # With load_best_model_at_end the Trainer keeps the best one beside the newest.
-    return min(epochs, profile.save_total_limit + (1 if profile.load_best_model_at_end else 0))
+    return min(epochs, profile.save_total_limit + (1 if profile.load_best_model_at_end else 0) + 1)
 
 
 def check_disk(run_dir: Path, parameter_count: int, profile: Profile, optim: str, epochs: int) -> dict:

@@ -141,6 +141,17 @@ def test_disk_guard_refuses_before_training(tmp_path):
     assert 13 < estimate["estimated_checkpoint_disk_gib"] < 20  # fp32 weights + AdamW state + final model
 
 
+def test_the_disk_guard_counts_the_checkpoint_being_written_beside_those_kept():
+    """The next checkpoint is written in full before the rotation removes the oldest: modified's best and newest plus
+    that one make three on disk at once from the third epoch."""
+    from common import profiles
+    from common.rundir import checkpoints_kept
+
+    assert [checkpoints_kept(profiles.MODIFIED, epochs) for epochs in (1, 2, 3, 6)] == [1, 2, 3, 3]
+    assert checkpoints_kept(profiles.BASELINE, 6) == 6
+    assert checkpoints_kept(Profile("last-only", "fp32", 1, False, False), 6) == 2
+
+
 @pytest.mark.slow  # starts a process of its own (seconds)
 def test_access_tokens_never_reach_disk_or_logs(tmp_path):
     env_token, cli_token = "hf_FakeEnvToken0123456789", "hf_FakeCliToken9876543210"
