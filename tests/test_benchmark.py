@@ -49,7 +49,7 @@ def test_benchmark_runs_a_tiny_model_and_writes_rows(tmp_path):
     row = rows["modified"]
     assert "error" not in row, row.get("error")
     assert ROW_FIELDS <= set(row)
-    assert row["timed_steps"] == 2 and row["batch_size"] == 8
+    assert row["timed_steps"] == row["planned_timed_steps"] == 2 and row["batch_size"] == 8
     assert row["micro_batch_size"] * row["gradient_accumulation_steps"] == 8
     assert row["tokens_per_s"] > 0 and row["step_ms_median"] > 0 and 0 <= row["padding_share_pct"] < 100
     # The Trainer's own count of non-padding tokens agrees with the counting collator's.
@@ -196,6 +196,19 @@ def test_a_mega_batch_of_length_grouped_steps_counts_the_sampler_batch_of_one_ra
     indices = get_length_grouped_indices(lengths, 64, generator=torch.Generator().manual_seed(0))
     rises = [i for i in range(1, len(indices)) if lengths[indices[i]] > lengths[indices[i - 1]]]
     assert rises[0] == 50 * 64 == mega_batch_steps(16_000, 128, ranks=2) * 128
+
+
+def test_a_row_cut_short_by_the_time_limit_says_so_in_the_table():
+    """A length-grouped epoch starts with its longest batches: a row timed on its first steps only is not comparable
+    with one timed over a whole mega-batch, and the table says which rows those are."""
+    from tools.benchmark.tables import format_table
+
+    row = {"name": "modified", "micro_batch_size": 128, "gradient_accumulation_steps": 1, "tokens_per_s": 30_000.0,
+           "tokens_per_s_median_step": 31_000.0, "padding_share_pct": 1.0, "mfu_pct": 30.0, "step_ms_median": 150.0,
+           "peak_allocated_gib": None, "peak_reserved_gib": None, "epoch_s": 60.0, "timed_steps": 31,
+           "planned_timed_steps": 31}
+    assert "| modified |" in format_table([row])
+    assert "| modified (timed 5 of 31 steps: --max-measure-s) |" in format_table([{**row, "timed_steps": 5}])
 
 
 def test_the_grid_adds_one_engine_setting_per_row_for_both_profiles():

@@ -32,6 +32,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         minutes = r["epoch_s"] / 60
         gpus = r.get("world_size", 1)
         label = r["name"] if gpus == 1 else f"{r['name']} (DDP, {gpus} GPUs: {r['tokens_per_s_per_gpu']:,.0f} per GPU)"
+        if r.get("planned_timed_steps", 0) > r["timed_steps"]:  # a length-grouped row: its longest batches only
+            label += f" (timed {r['timed_steps']} of {r['planned_timed_steps']} steps: --max-measure-s)"
         lines.append(
             f"| {label} | {r['micro_batch_size']} x {r['gradient_accumulation_steps']} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_median_step']:,.0f} | {num(x_seed, '.1f')} | "

@@ -41,6 +41,7 @@ class Measured:
     warmup_s: float  # from the start of training to the end of the warm-up steps (compilation would fall here)
     peak_allocated: float | None
     peak_reserved: float | None
+    planned_steps: int = 0  # the timed steps asked for; fewer ran where --max-measure-s stopped the row
 
 
 def synchronize() -> None:
@@ -66,6 +67,7 @@ def make_step_timer(warmup_steps: int, steps: int, max_measure_s: float):
         """Synchronised wall clock at every optimizer step's begin and end; stops training when enough is timed."""
 
         def __init__(self) -> None:
+            self.planned_steps = steps
             self.train_begin = 0.0
             self.begins: list[float] = []
             self.ends: list[float] = []
@@ -228,7 +230,7 @@ def measure(timer, collator: CountingCollator, warmup_steps: int, ranks: int) ->
             step_s, compute_s, real, total, peak_allocated, peak_reserved)
     warmup_s = timer.ends[warmup_steps - 1] - timer.train_begin
     return Measured(step_s, compute_s, real, total, trainer_counted, micro_batches, warmup_s, peak_allocated,
-                    peak_reserved)
+                    peak_reserved, timer.planned_steps)
 
 
 def mega_batch_steps(examples: int, batch_size: int, ranks: int = 1) -> int:

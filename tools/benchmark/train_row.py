@@ -248,6 +248,7 @@ def speed_fields(m: Measured, config: BenchConfig, bench: TrainerSetup, lengths:
     return {
         "warmup_s": m.warmup_s,
         "timed_steps": len(m.step_s),
+        "planned_timed_steps": m.planned_steps,  # more than timed_steps: --max-measure-s cut the row short
         "step_ms_median": 1000 * statistics.median(m.step_s),
         "step_ms": [round(1000 * s, 2) for s in m.step_s],
         "compute_ms_median": 1000 * statistics.median(m.compute_s),
