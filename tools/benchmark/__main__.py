@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import tools.benchmark
+from common.config import ConfigError, micro_batch_size
 from tools.benchmark.configurations import BENCHMARK_MODEL, PLAIN_LOOP, BenchConfig, configurations
 from tools.benchmark.eval_row import run_eval
 from tools.benchmark.isolation import fork_server, run_distributed, run_isolated, worker
@@ -110,10 +111,14 @@ def write_measured_lengths(options: argparse.Namespace) -> int:
     return 0
 
 
-def print_configurations(every: list[BenchConfig]) -> int:
+def print_configurations(every: list[BenchConfig], gpus: int) -> int:
     for c in every:
-        print(f"{c.name:<28} {c.group:<9} batch {c.batch_size:>3} = {c.micro_batch_size} x "
-              f"{c.engine.gradient_accumulation_steps}  {c.description}")
+        try:
+            per_gpu = micro_batch_size(c.batch_size, c.engine.gradient_accumulation_steps, gpus)
+            shape = f"{per_gpu} x {c.engine.gradient_accumulation_steps}" + (f" x {gpus} GPUs" if gpus > 1 else "")
+        except ConfigError:
+            shape = f"? (not divisible over {gpus} GPUs)"
+        print(f"{c.name:<28} {c.group:<9} batch {c.batch_size:>3} = {shape}  {c.description}")
     return 0
 
 
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return write_measured_lengths(options)
     every = configurations(options.batch_size, options.nproc)
     if options.list:
-        return print_configurations(every)
+        return print_configurations(every, options.nproc)
     if options.model == BENCHMARK_MODEL and not gpu_present():
         print(f"error: no GPU here, and the default --model {BENCHMARK_MODEL} (1.24 B parameters, {len(every)} "
               "configurations) would take hours on a CPU: pass --model smoke to try the benchmark on a CPU",

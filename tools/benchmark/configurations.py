@@ -28,7 +28,7 @@ ENGINE_STEPS = (
     ("liger", "Liger kernels (SwiGLU, RoPE)"),
     ("loss", "loss at the answer tokens only, in chunks"),
     ("train_sampling_strategy", "length-grouped batches"),
-    ("gradient_accumulation_steps", "micro-batch 128 x 1"),
+    ("gradient_accumulation_steps", "one micro-batch per optimizer step (no accumulation)"),
     ("expandable_segments", "expandable-segments allocator"),
     ("activation_budget_gib", (f"checkpointing within a {EngineArguments().activation_budget_gib:g} GiB activation "
                                "budget = the shared engine, both scripts' defaults")),
