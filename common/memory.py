@@ -78,24 +78,24 @@ class SelectionPeaks:
         self.train = {"max_allocated_mib": 0.0, "max_reserved_mib": 0.0}
         self.select = {"max_allocated_mib": 0.0, "max_reserved_mib": 0.0}
 
-    def _fold_into(self, peaks: dict) -> None:
+    def _fold_into(self, peaks: dict, empty_cache: bool = False) -> None:
         import torch
 
         reading = peak_bytes()
         if reading is not None:
             peaks["max_allocated_mib"] = max(peaks["max_allocated_mib"], reading[0] / MIB)
             peaks["max_reserved_mib"] = max(peaks["max_reserved_mib"], reading[1] / MIB)
+            if empty_cache:
+                torch.cuda.empty_cache()  # before the reset, which sets each peak to what is held now
             torch.cuda.reset_peak_memory_stats()
 
     def begin_selection(self) -> None:
         self._fold_into(self.train)
 
     def end_selection(self) -> None:
-        import torch
-
-        self._fold_into(self.select)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the selection pass's cached blocks back, so NVML's training figure is training's
+        """The selection pass's peaks; its cached blocks handed back, so that training's peaks and NVML's training
+        figure are training's."""
+        self._fold_into(self.select, empty_cache=True)
 
     def training_peaks(self, since_last_selection: dict) -> dict:
         """Combine with the peaks recorded after the last selection pass."""

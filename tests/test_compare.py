@@ -188,7 +188,7 @@ def test_gpu_memory_plot_from_monitor_logs(runs: tuple[Path, Path], tmp_path: Pa
     md = report.markdown
     assert "](compare_gpu_memory.png)" in md
     assert table_row(md, "GPU memory used (NVML), peak, train (MiB)") == ["5,000", "2,500"]
-    assert table_row(md, "GPU memory used (NVML), mean, train (MiB)") == ["4,000", "2,250"]
+    assert table_row(md, "GPU memory used (NVML), mean, train (MiB)") == ["4,333", "2,333"]  # 3000, 5000, 5000
     assert table_row(md, "GPU memory used (NVML), peak, eval (MiB)") == ["2,000", "1,500"]
     assert table_row(md, "memory saved, GPU peak used (NVML), train (%)") == ["+50.0%"]
 
@@ -222,17 +222,16 @@ class _FakeNvml:
 
 
 def write_gpu_log(path: Path, samples: list[tuple[str, float]]) -> None:
-    """densenetsmi.txt as common.monitor writes it, from (phase, MiB used) samples."""
+    """densenetsmi.txt as common.monitor writes it, from (phase, MiB used) samples; the monitor adds a phase's closing
+    reading (what it held last) at each phase change and at the end."""
     nvml = _FakeNvml()
     nvml.used_mib = samples[0][1]
     with GpuMonitor(path, interval_s=3600, console_every=0, nvml_module=nvml, print_fn=lambda _: None,
                     phase=samples[0][0], phases=None) as monitor:  # the first sample, taken on entry
         for phase, used_mib in samples[1:]:
+            monitor.set_phase(phase)  # at a change, the ending phase's last reading
             nvml.used_mib = used_mib
-            if phase == monitor.phase:
-                monitor.sample_now()
-            else:
-                monitor.set_phase(phase)  # a phase change takes the new phase's first sample
+            monitor.sample_now()
 
 
 # ---- where the time went (synthetic metrics.json: the smoke runs' code may predate timing.phases_s) --------
@@ -483,4 +482,5 @@ def test_the_gpu_log_compare_reads_has_the_columns_the_monitor_writes(runs: tupl
     write_gpu_log(run / GPU_LOG, [("train", 1000.0), ("eval", 2000.0)])
     header = next(line for line in (run / GPU_LOG).read_text().splitlines() if not line.startswith("#"))
     assert header.split(",") == [name for name, _ in GPU_LOG_COLUMNS]
-    assert [(s.phase, s.mem_used_mib) for s in load_run(run).gpu_samples] == [("train", 1000.0), ("eval", 2000.0)]
+    assert [(s.phase, s.mem_used_mib) for s in load_run(run).gpu_samples] == [
+        ("train", 1000.0), ("train", 1000.0), ("eval", 2000.0), ("eval", 2000.0)]  # each phase's closing reading

@@ -107,8 +107,8 @@ def test_log_has_described_columns_and_csv_rows_with_phase(tmp_path: Path) -> No
     fake = FakeNvml()
     with make(tmp_path, fake) as mon:
         mon.sample_now()
-        mon.set_phase("eval")  # takes the eval phase's first sample
-    comments, rows = read_log(mon.log_path)
+        mon.set_phase("eval")  # takes the train phase's last sample
+    comments, rows = read_log(mon.log_path)  # and closing, the eval phase's last
     header = "\n".join(comments)
     for name, meaning in GPU_LOG_COLUMNS:
         assert re.search(rf"^#\s+{name}\s+\S", header, re.MULTILINE), name
@@ -116,8 +116,8 @@ def test_log_has_described_columns_and_csv_rows_with_phase(tmp_path: Path) -> No
     assert "NOT memory in use" in header  # the memctl column can't be mistaken for memory again
     assert "GPU1 = NVML index 1, Fake H100 #1, " + UUIDS[1] in header
     assert list(rows[0]) == [name for name, _ in GPU_LOG_COLUMNS]
-    assert len(rows) == 3 * 2
-    assert [r["phase"] for r in rows] == ["train"] * 4 + ["eval"] * 2
+    assert len(rows) == 4 * 2
+    assert [r["phase"] for r in rows] == ["train"] * 6 + ["eval"] * 2
     gpu0 = rows[0]
     assert (gpu0["gpu"], gpu0["nvml_index"], gpu0["name"]) == ("0", "0", "Fake H100 #0")
     assert float(gpu0["mem_used_mib"]) == 21345.0 and float(gpu0["mem_total_mib"]) == 81559.0
@@ -127,9 +127,10 @@ def test_log_has_described_columns_and_csv_rows_with_phase(tmp_path: Path) -> No
     assert float(gpu0["proc_mem_used_mib"]) == 2048.0
     gpu1 = rows[1]
     assert gpu1["gpu"] == "1" and gpu1["power_w"] == "" and gpu1["proc_mem_used_mib"] == ""
-    assert float(gpu0["elapsed_s"]) <= float(rows[4]["elapsed_s"])
+    assert float(gpu0["elapsed_s"]) <= float(rows[6]["elapsed_s"])
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$", gpu0["time"])
-    assert comments[-1].startswith("# eval GPU1: peak")
+    footer = [line.split(":")[0] for line in comments if line.startswith(("# eval GPU", "# train GPU"))]
+    assert footer == ["# eval GPU0", "# eval GPU1", "# train GPU0", "# train GPU1"]  # the summary's order, not seen
 
 
 def test_summary_peaks_and_means_per_phase_and_gpu(tmp_path: Path) -> None:
@@ -138,17 +139,18 @@ def test_summary_peaks_and_means_per_phase_and_gpu(tmp_path: Path) -> None:
     with make(tmp_path, fake) as mon:
         fake.used_mib = [3000.0, 300.0]
         mon.sample_now()
+        fake.used_mib = [2000.0, 200.0]
+        mon.set_phase("eval")  # takes the train phase's last sample
         fake.used_mib = [500.0, 200.0]
-        mon.set_phase("eval")  # takes the eval phase's first sample
-    s = mon.summary()
+    s = mon.summary()  # closing took the eval phase's last sample
     assert s["enabled"] is True and s["disabled_reason"] is None and s["error"] is None
-    assert s["samples"] == 3 and s["interval_s"] == 3600.0
+    assert s["samples"] == 4 and s["interval_s"] == 3600.0
     assert s["gpus"][1] == {
         "label": "GPU1", "index": 1, "nvml_index": 1, "name": "Fake H100 #1", "uuid": UUIDS[1], "memory_total_mib": 81559.0
     }
     train0 = s["phases"]["train"]["GPU0"]
     assert train0 == {
-        "peak_used_mib": 3000.0, "mean_used_mib": 2000.0, "mean_gpu_util_pct": 97.0, "peak_proc_used_mib": 2048.0, "samples": 2
+        "peak_used_mib": 3000.0, "mean_used_mib": 2000.0, "mean_gpu_util_pct": 97.0, "peak_proc_used_mib": 2048.0, "samples": 3
     }
     assert s["phases"]["train"]["GPU1"]["peak_used_mib"] == 300.0
     assert s["phases"]["train"]["GPU1"]["peak_proc_used_mib"] is None
@@ -160,7 +162,7 @@ def test_summary_peaks_and_means_per_phase_and_gpu(tmp_path: Path) -> None:
     peaks = {"train": {"max_allocated_mib": 1500.0, "max_reserved_mib": 2500.0},
              "eval": {"max_allocated_mib": None, "max_reserved_mib": None}}
     text = format_summary(s, peaks)
-    assert "train GPU0 Fake H100 #0: peak 3,000 / 81,559 MiB (4%), mean 2,000 MiB, util 97% (2 samples)" in text
+    assert "train GPU0 Fake H100 #0: peak 3,000 / 81,559 MiB (4%), mean 2,000 MiB, util 97% (3 samples)" in text
     assert "eval  GPU0 Fake H100 #0: peak 500 / 81,559 MiB" in text
     assert "train max allocated 1,500 MiB, max reserved 2,500 MiB" in text
     assert "eval  CUDA not available" in text
@@ -178,21 +180,23 @@ def test_console_line_every_n_samples(tmp_path: Path) -> None:
 # ---- phases ----------------------------------------------------------------------------------
 
 
-def test_every_phase_change_takes_a_sample_of_the_new_phase(tmp_path: Path) -> None:
-    """A phase shorter than the interval (here 3600 s) still has its reading, with that phase's memory."""
+def test_every_phase_change_takes_the_ending_phases_last_sample(tmp_path: Path) -> None:
+    """A phase shorter than the interval (here 3600 s) still has a reading, with what it held at its end, and the
+    next phase's rows do not start with what the last one left behind (a selection pass's cache, say)."""
     fake = FakeNvml(count=1)
     with make(tmp_path, fake) as mon:  # the first sample, on entry: train
         for phase, used_mib in (("select", 5000.0), ("train", 6000.0), ("save", 7000.0), ("load", 8000.0),
                                 ("eval", 9000.0)):
-            fake.used_mib = [used_mib]
-            mon.set_phase(phase)
+            mon.set_phase(phase)  # the ending phase's last reading
+            fake.used_mib = [used_mib]  # what this phase comes to hold
         mon.set_phase("eval")  # no change, no sample
-    rows = read_log(mon.log_path)[1]
+    rows = read_log(mon.log_path)[1]  # closing: the eval phase's last reading
     assert [(r["phase"], float(r["mem_used_mib"])) for r in rows] == [
-        ("train", 21345.0), ("select", 5000.0), ("train", 6000.0), ("save", 7000.0), ("load", 8000.0), ("eval", 9000.0)
+        ("train", 21345.0), ("train", 21345.0), ("select", 5000.0), ("train", 6000.0), ("save", 7000.0),
+        ("load", 8000.0), ("eval", 9000.0)
     ]
     phases = mon.summary()["phases"]
-    assert {p: phases[p]["GPU0"]["samples"] for p in phases} == {"train": 2, "select": 1, "save": 1, "load": 1, "eval": 1}
+    assert {p: phases[p]["GPU0"]["samples"] for p in phases} == {"train": 3, "select": 1, "save": 1, "load": 1, "eval": 1}
     assert phases["save"]["GPU0"]["peak_used_mib"] == 7000.0
 
 
@@ -212,7 +216,7 @@ def test_phases_are_the_runs_monitor_phases(tmp_path: Path) -> None:
         other.set_phase("modified_bs64")
         with pytest.raises(ValueError, match="non-empty word"):
             other.set_phase("a,b")
-    assert [r["phase"] for r in read_log(other.log_path)[1]] == ["start", "modified_bs64"]
+    assert [r["phase"] for r in read_log(other.log_path)[1]] == ["start", "start", "modified_bs64"]
 
 
 def test_phase_change_with_monitoring_off_takes_no_sample(tmp_path: Path) -> None:
@@ -313,7 +317,7 @@ def test_monitor_follows_cuda_visible_devices(tmp_path: Path, monkeypatch: pytes
         pass
     assert [(g["label"], g["nvml_index"], g["uuid"]) for g in mon.summary()["gpus"]] == [("GPU0", 1, UUIDS[1])]
     _, rows = read_log(mon.log_path)
-    assert [(r["gpu"], r["nvml_index"]) for r in rows] == [("0", "1")]
+    assert {(r["gpu"], r["nvml_index"]) for r in rows} == {("0", "1")}  # the first and the closing reading
 
 
 def test_invalid_visible_device_turns_monitoring_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -399,6 +403,41 @@ def test_error_in_the_sampler_thread_stops_it(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("GPU monitoring stopped: FakeNVMLError")
 
 
+def test_a_log_write_that_fails_stops_sampling_never_the_run(tmp_path: Path) -> None:
+    """The disk the checkpoints filled: writing a row fails. Sampling stops once, says why, and the run's phase
+    changes and the summary go on."""
+    import errno
+
+    fake, lines = FakeNvml(count=1), []
+    with make(tmp_path, fake, lines) as mon:
+        def disk_full(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        mon._sampler._log.write_sample = disk_full
+        mon.set_phase("select")  # would sample: must not raise into the run
+        mon.sample_now()
+    assert mon.error is not None and mon.error.startswith("OSError at") and "No space left" in mon.error
+    assert lines == [f"GPU monitoring stopped: {mon.error}"]
+    assert mon.summary()["error"] == mon.error and mon.summary()["samples"] == 1  # the first, before the disk filled
+
+
+def test_a_sample_asked_for_while_nvml_hangs_returns(tmp_path: Path) -> None:
+    """A sampler stuck in an NVML call holds the lock: sample_now, like a phase change, waits at most 1 s."""
+    import threading
+
+    fake, release = FakeNvml(count=1), threading.Event()
+    with make(tmp_path, fake) as mon:
+        stuck = threading.Thread(target=mon._sampler.sample, daemon=True)
+        fake.nvmlDeviceGetMemoryInfo = lambda h: (release.wait(), SimpleNamespace(used=MIB, total=MIB))[1]
+        stuck.start()
+        time.sleep(0.1)
+        started_s = time.monotonic()
+        mon.sample_now()
+        assert time.monotonic() - started_s < 3
+        release.set()
+        stuck.join(timeout=5)
+
+
 def test_other_local_ranks_do_not_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     fake, lines = FakeNvml(), []
@@ -413,7 +452,7 @@ def test_local_rank_zero_monitors(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LOCAL_RANK", "0")
     with make(tmp_path, FakeNvml()) as mon:
         pass
-    assert mon.summary()["enabled"] is True and len(read_log(mon.log_path)[1]) == 2
+    assert mon.summary()["enabled"] is True and len(read_log(mon.log_path)[1]) == 2 * 2  # first, closing; 2 GPUs
 
 
 # ---- stopping --------------------------------------------------------------------------------

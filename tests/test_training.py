@@ -29,6 +29,34 @@ def test_selection_peaks_are_kept_apart_from_training(monkeypatch):
     assert peaks.training_peaks(after_last_selection) == {"max_allocated_mib": 150.0, "max_reserved_mib": 250.0}
 
 
+def test_training_peaks_do_not_inherit_the_selection_passs_cached_blocks(monkeypatch):
+    """A reset sets each peak to what is held now: the selection's cache is handed back first, or training's
+    reserved peak would be the selection pass's (torch's allocator modelled in MiB)."""
+    held = {"allocated": 0, "reserved": 0}
+    peak = dict(held)
+
+    def hold(allocated: int, reserved: int) -> None:
+        held.update(allocated=allocated, reserved=reserved)
+        peak.update({k: max(peak[k], held[k]) for k in held})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["allocated"] * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: peak["reserved"] * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.update(held))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: held.update(reserved=held["allocated"]))
+
+    peaks = SelectionPeaks()
+    hold(10_000, 12_288)  # training
+    peaks.begin_selection()
+    hold(30_000, 32_768)  # the selection pass's logits
+    hold(10_000, 32_768)  # freed, still cached
+    peaks.end_selection()
+    hold(10_000, 12_288)  # training again
+    after_last_selection = {"max_allocated_mib": peak["allocated"], "max_reserved_mib": peak["reserved"]}
+    assert peaks.select == {"max_allocated_mib": 30_000, "max_reserved_mib": 32_768}
+    assert peaks.training_peaks(after_last_selection) == {"max_allocated_mib": 10_000, "max_reserved_mib": 12_288}
+
+
 def test_without_cuda_training_peaks_pass_through():
     none = {"max_allocated_mib": None, "max_reserved_mib": None}
     assert SelectionPeaks().training_peaks(none) == none

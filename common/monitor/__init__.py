@@ -119,8 +119,8 @@ class GpuMonitor:
         return self._sampler.phase
 
     def set_phase(self, phase: str) -> None:
-        """Label the following samples (one of `phases`); at a change, take the new phase's first sample now, so
-        that a phase shorter than `interval_s` still has a reading."""
+        """Label the following samples (one of `phases`); at a change, take the ending phase's last sample first, so
+        that a phase shorter than `interval_s` still has a reading, and the new phase's start with its own memory."""
         self._check_phase(phase)
         if phase != self._sampler.phase:
             self._sampler.change_phase(phase, sample=self.enabled)
@@ -136,6 +136,8 @@ class GpuMonitor:
             return
         self._state = "closed"
         try:
+            if self.enabled:
+                self._sampler.sample()  # the last phase's closing reading, as at every phase change
             self._sampler.stop()
         finally:
             try:

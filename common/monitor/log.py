@@ -9,13 +9,11 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from common.artifacts import GPU_LOG_COLUMNS
 from common.monitor.devices import GpuInfo, Reading
-
-if TYPE_CHECKING:
-    from common.monitor.summary import Statistics
+from common.monitor.summary import Statistics, ordered_phases
 
 
 class GpuLog:
@@ -35,11 +33,14 @@ class GpuLog:
         self.file.write(f"# {self.path.name}: GPU samples from NVML (nvidia-ml-py), pid {os.getpid()}\n")
 
     def announce(self, message: str) -> None:
-        """Print `message` and write it into the file as a comment."""
+        """Print `message` and write it into the file as a comment, where the file can still be written."""
         self._print(message)
         if self.file is not None:
-            self.file.write(f"# {message}\n")
-            self.file.flush()
+            try:
+                self.file.write(f"# {message}\n")
+                self.file.flush()
+            except OSError:  # a full disk: the printed line must do
+                pass
 
     def write_off(self, reason: str) -> None:
         """Monitoring did not start: the reason, then the column names so that readers find an empty table."""
@@ -125,8 +126,8 @@ class GpuLog:
         n = stats.samples
         cost = f", sampler {1000 * stats.cost_s_sum / n:.2f} ms/sample" if n else ""
         self.file.write(f"# ended {ended} after {elapsed_s:.1f} s, {n} samples{cost}\n")
-        for phase, by_gpu in stats.phases.items():
-            for label, gpu_stats in by_gpu.items():
+        for phase in ordered_phases(stats.phases):
+            for label, gpu_stats in stats.phases[phase].items():
                 s = gpu_stats.as_dict()
                 self.file.write(
                     f"# {phase} {label}: peak {s['peak_used_mib']:,.0f} MiB, mean {s['mean_used_mib']:,.0f} MiB, "

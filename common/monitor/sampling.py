@@ -34,17 +34,22 @@ class Sampler:
             self.thread.start()
 
     def sample(self) -> None:
-        with self._lock:
-            self._sample_locked()
+        """One sample now; skipped where the thread has been stuck in an NVML call for 1 s (it holds the lock)."""
+        if self._lock.acquire(timeout=1.0):
+            try:
+                self._sample_locked()
+            finally:
+                self._lock.release()
 
     def change_phase(self, phase: str, sample: bool) -> None:
-        """Label the following samples `phase`; with `sample`, take the new phase's first sample now."""
+        """With `sample`, take the ending phase's last reading now; then label the following samples `phase`. A
+        phase shorter than interval_s keeps a reading of its own, and the new phase's rows start with its own memory."""
         # Bounded wait: a sampler stuck in an NVML call (holding the lock) must not stop the run at a phase change.
         locked = self._lock.acquire(timeout=1.0)
         try:
-            self.phase = phase  # under the lock: no sample of the old phase's can come after this one's
             if locked and sample:
                 self._sample_locked()
+            self.phase = phase  # under the lock: no sample of the old phase's can come after this
         finally:
             if locked:
                 self._lock.release()
@@ -58,13 +63,13 @@ class Sampler:
         time_iso, elapsed_s = self._log.stamp()
         try:
             readings = self._nvml.read_all()
-        except Exception as e:  # noqa: BLE001 - NVMLError or anything else: never take the training down
+            gpus = self._nvml.gpus
+            self._log.write_sample(time_iso, elapsed_s, phase, gpus, readings)
+            sample_no = self.stats.add(phase, gpus, readings)
+            self._log.print_console(sample_no, phase, elapsed_s, gpus, readings)
+        except Exception as e:  # noqa: BLE001 - NVML, the log's disk, anything: never take the training down
             self._fail(f"{type(e).__name__} at {elapsed_s:.1f} s: {e}")
             return
-        gpus = self._nvml.gpus
-        self._log.write_sample(time_iso, elapsed_s, phase, gpus, readings)
-        sample_no = self.stats.add(phase, gpus, readings)
-        self._log.print_console(sample_no, phase, elapsed_s, gpus, readings)
         self.stats.add_cost(time.perf_counter() - started_s)
 
     def _fail(self, error: str) -> None:
