@@ -273,7 +273,7 @@ def _per_char(logprob_sum: float, solution: str) -> float:
 
 # --- structured-prompt generation -------------------------------------------------------------------------------
 
-_CHOICE_PATTERN = re.compile(r"^\s*(?:solution)?\s*:?\s*([12])(?![0-9a-z])", re.IGNORECASE)
+_CHOICE_PATTERN = re.compile(r"^\s*(?:solution)?\s*:?\s*([12])(?![^\W_])", re.IGNORECASE)  # no letter or digit next, any script
 
 
 def parse_choice(text: str) -> int | None:

@@ -176,6 +176,8 @@ def test_encode_pair_encodes_whole_then_splits_like_the_harness():
         (": 2", 1),
         ("12", None),
         ("2nd", None),
+        ("2é", None),  # a letter of any script
+        ("1\u0663", None),  # Arabic-Indic digit three
         ("3", None),
         ("garbage", None),
         ("", None),
