@@ -13,12 +13,17 @@ import dataclasses
 from dataclasses import dataclass
 
 from common.config import ConfigError, EngineArguments
+from common.data import round_up
 from common.engine.budget import LayerActivations
 from common.memory import GIB
 
 TRAINING_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8  # fp32 weight, gradient and AdamW's two moments
 EVAL_STATE_BYTES_PER_PARAMETER = 4 + 4 + 8 + 2  # a selection pass: the training state (gradients may still be held), bf16 copies
 BF16_COPY_BYTES_PER_PARAMETER = 2  # mixed precision's weights cast for the forward pass (autocast's cache)
+EVAL_ONLY_BYTES_PER_PARAMETER = 4 + 2  # --eval-only: the fp32 weights and their bf16 copies, nothing of training
+# --loss full-logits: the model's own loss over every position holds its logits (bf16 in mixed precision), their fp32
+# copy and the log-softmax cross-entropy keeps for the backward pass, per position and vocabulary entry.
+FULL_LOGITS_BYTES_PER_ENTRY = 2 + 4 + 4
 # What the plan leaves free beyond the state and the activations: the loss's 256 MiB chunks, cuBLAS workspaces,
 # allocator fragmentation.
 HEADROOM_BYTES = GIB
@@ -39,8 +44,13 @@ class MemoryPlan:
     activation_budget_gib: float
     eval_logits_bytes: int
     changes: tuple[str, ...]  # what the plan changed from the flags, for the log
+    training: bool = True  # False: --eval-only, whose plan is the evaluation's logits bound alone
 
     def describe(self) -> str:
+        if not self.training:
+            return (f"memory plan for {self.usable_bytes / GIB:.1f} GiB of GPU memory (evaluation only): evaluation "
+                    f"logits within {self.eval_logits_bytes / GIB:.2f} GiB (weights and their bf16 copies "
+                    f"{self.state_bytes / GIB:.1f} GiB)")
         changed = f"; changed from the flags: {', '.join(self.changes)}" if self.changes else ""
         return (f"memory plan for {self.usable_bytes / GIB:.1f} GiB of GPU memory: gradient accumulation "
                 f"{self.gradient_accumulation_steps}, activation budget {self.activation_budget_gib:g} GiB, evaluation "
@@ -69,22 +79,31 @@ def transient_bytes(parameters: int, head_parameters: int, positions: int, activ
     return int(max(forward, backward))
 
 
+def eval_logits_bound(usable_bytes: int, held_bytes: int) -> int:
+    """The evaluation's logits bound: half of what `held_bytes` (weights and whatever training keeps) leave."""
+    return int(min(EVAL_LOGITS_MAX_BYTES, max(EVAL_LOGITS_MIN_BYTES, (usable_bytes - held_bytes - HEADROOM_BYTES) // 2)))
+
+
 def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, layers: int,
                 activations: LayerActivations, lengths: list[int], batch_size: int, world_size: int,
-                head_parameters: int = 0) -> MemoryPlan:
-    """The smallest gradient accumulation (at least the flag's) whose longest micro-batch fits with every layer
-    checkpointed, then the largest activation budget (at most the flag's) that fits beside it. `activations`: the
-    larger of both precisions' per-position bytes; `head_parameters`: the output projection's. Raises ConfigError where even one example per micro-batch cannot
-    fit."""
+                head_parameters: int = 0, vocab_size: int = 0) -> MemoryPlan:
+    """The smallest gradient accumulation (at least the flag's) whose longest micro-batch fits (every layer
+    checkpointed, or none with --no-gradient-checkpointing), then the largest activation budget (at most the flag's)
+    that fits beside it. `activations`: the larger of both precisions' per-position bytes; `lengths`: the training
+    examples' token counts; `head_parameters` and `vocab_size`: the output projection's. Raises ConfigError where even
+    one example per micro-batch cannot fit."""
     state = parameters * TRAINING_STATE_BYTES_PER_PARAMETER
     room = usable_bytes - state - HEADROOM_BYTES  # for activations and transients
+    lengths = [round_up(n, engine.pad_to_multiple_of) for n in lengths]  # as the collator pads them
+    per_position = layers * (activations.checkpointed_bytes if engine.gradient_checkpointing else activations.kept_bytes)
+    if engine.loss == "full-logits":
+        per_position += vocab_size * FULL_LOGITS_BYTES_PER_ENTRY
     accumulation = engine.gradient_accumulation_steps
     while True:
         per_step = accumulation * world_size
         if batch_size % per_step == 0:
             positions = longest_micro_batch_positions(lengths, batch_size // per_step)
-            kept = positions * layers * activations.checkpointed_bytes if engine.gradient_checkpointing else 0
-            needed = kept + transient_bytes(parameters, head_parameters, positions, activations)
+            needed = positions * per_position + transient_bytes(parameters, head_parameters, positions, activations)
             if needed <= room:
                 break
         if per_step >= batch_size:
@@ -96,11 +115,10 @@ def plan_memory(engine: EngineArguments, usable_bytes: int, parameters: int, lay
     budget = engine.activation_budget_gib
     if engine.gradient_checkpointing:
         spare_gib = max(0.0, (room - transient_bytes(parameters, head_parameters, positions, activations)) / GIB)
-        budget = min(budget, float(int(spare_gib * 4) / 4))  # quarter-GiB steps
-        if budget < MIN_BUDGET_GIB:
-            budget = 0.0  # every layer checkpointed
-    eval_room = usable_bytes - parameters * EVAL_STATE_BYTES_PER_PARAMETER - HEADROOM_BYTES
-    logits = int(min(EVAL_LOGITS_MAX_BYTES, max(EVAL_LOGITS_MIN_BYTES, eval_room // 2)))
+        fitted = float(int(spare_gib * 4) / 4)  # quarter-GiB steps
+        if fitted < budget:
+            budget = fitted if fitted >= MIN_BUDGET_GIB else 0.0  # below the minimum: every layer checkpointed
+    logits = eval_logits_bound(usable_bytes, parameters * EVAL_STATE_BYTES_PER_PARAMETER)
     changes = []
     if accumulation != engine.gradient_accumulation_steps:
         changes.append(f"--gradient-accumulation-steps {engine.gradient_accumulation_steps} -> {accumulation}")
@@ -123,8 +141,15 @@ def usable_gpu_bytes(device, gpu_memory_gib: float | None) -> int:
     return int(min(usable, gpu_memory_gib * GIB if gpu_memory_gib else total_bytes))
 
 
-def fit_to_gpu(model, engine: EngineArguments, lengths: list[int], batch_size: int,
-               world_size: int) -> MemoryPlan | None:
+def eval_only_plan(engine: EngineArguments, usable_bytes: int, parameters: int) -> MemoryPlan:
+    """--eval-only: the evaluation's logits bound beside the weights alone; the training settings as given."""
+    held = parameters * EVAL_ONLY_BYTES_PER_PARAMETER
+    return MemoryPlan(usable_bytes, held, 0, engine.gradient_accumulation_steps, engine.activation_budget_gib,
+                      eval_logits_bound(usable_bytes, held), (), training=False)
+
+
+def fit_to_gpu(model, engine: EngineArguments, lengths: list[int], batch_size: int, world_size: int,
+               eval_only: bool = False) -> MemoryPlan | None:
     """The plan for this model, data and GPU; None on a CPU, with --no-fit-memory, or under FSDP (sharded state)."""
     import os
 
@@ -137,9 +162,11 @@ def fit_to_gpu(model, engine: EngineArguments, lengths: list[int], batch_size: i
     if not torch.cuda.is_available() or not engine.fit_memory or sharded:
         return None
     device = next(model.parameters()).device
+    if eval_only:
+        return eval_only_plan(engine, usable_gpu_bytes(device, engine.gpu_memory_gib), count_parameters(model))
     fp32, bf16 = (measure_layer_activations(model, dtype) for dtype in (None, torch.bfloat16))
     larger = LayerActivations(max(fp32.kept_bytes, bf16.kept_bytes),
                               max(fp32.checkpointed_bytes, bf16.checkpointed_bytes))
     return plan_memory(engine, usable_gpu_bytes(device, engine.gpu_memory_gib), count_parameters(model),
                        len(decoder_layers(model)), larger, lengths, batch_size, world_size,
-                       model.get_output_embeddings().weight.numel())
+                       model.get_output_embeddings().weight.numel(), model.get_output_embeddings().weight.shape[0])

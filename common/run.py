@@ -168,7 +168,8 @@ def set_up(profile: Profile, argv: list[str] | None, parsed: tuple | None = None
     features, truncated = training_features(pairs, tokenizer.eos_token_id, args.max_length)
     clock.lap("tokenize")
     step_engine = apply_engine(model, engine, precision, budget=False)  # the budget once the plan is known
-    memory_plan = fit_to_gpu(model, engine, [len(f["input_ids"]) for f in features], args.batch_size, world_size())
+    memory_plan = fit_to_gpu(model, engine, [len(f["input_ids"]) for f in features], args.batch_size, world_size(),
+                             eval_only=args.eval_only)
     if memory_plan:
         engine = planned_engine(engine, memory_plan)
         if is_main_process():
