@@ -147,6 +147,29 @@ def test_a_batch_split_by_length_has_the_loss_and_gradients_of_the_whole(models,
             assert torch.linalg.vector_norm(p_answers.grad - p_own.grad) <= 0.05 * torch.linalg.vector_norm(p_own.grad)
 
 
+def test_a_split_batch_casts_the_output_projection_once_under_autocast(models, monkeypatch):
+    """Each length group's loss keeps the bf16 head for the backward pass: one shared copy, not one per group."""
+    _, answers = models
+    lengths = [30] * 2 + [8] * 14
+    input_ids = torch.randint(5, 200, (16, 30), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.tensor([[1] * n + [0] * (30 - n) for n in lengths])
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    monkeypatch.setattr(plan_module, "SPLIT_COST_POSITIONS", 16)
+    monkeypatch.setattr(plan_module, "GROUP_ROWS", 2)
+    head_shape = answers.get_output_embeddings().weight.shape
+    saved_heads = set()
+
+    def pack(tensor):
+        if tensor.shape == head_shape and tensor.dtype == torch.bfloat16:
+            saved_heads.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        answers(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                plan=plan_batch(attention_mask, labels))
+    assert len(saved_heads) == 1
+
+
 def test_a_sharded_model_runs_its_batches_whole(monkeypatch):
     """Under FSDP each pass through a layer gathers its parameters again: no split, and the checkpointing budget
     counts the whole batch."""

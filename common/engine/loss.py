@@ -98,6 +98,8 @@ class AnswerTokenForward:
         if plan is None:  # a caller without the collator's plan: made here, a wait for the GPU
             plan = plan_batch(attention_mask.cpu(), labels.cpu())
         device, loss = input_ids.device, 0.0
+        if torch.is_autocast_enabled(device.type):  # one cast for every pass: each copy is held until the backward
+            weight = weight.to(torch.get_autocast_dtype(device.type))
         for p in plan.passes:
             if p.rows is None:
                 pass_ids, pass_mask, pass_labels = input_ids, attention_mask, labels
