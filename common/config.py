@@ -273,6 +273,10 @@ class ExperimentArguments:
             raise ConfigError(f"--max-steps must be -1 (all epochs) or positive, got {self.max_steps}")
         if self.eval_method not in EVAL_METHODS:
             raise ConfigError(f"--eval-method must be one of {', '.join(EVAL_METHODS)}, got {self.eval_method!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
+        if self.data_dir is not None and not self.data_dir.strip():
+            raise ConfigError("--data-dir is empty: give the folder of PIQA's files, or leave it out")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
         if self.resume and self.eval_only:

@@ -111,7 +111,7 @@ def read_hub_split(split: str, cache_dir: str | None = None) -> list[PiqaExample
 def load_split(split: str, data_dir: str | None, smoke: bool = False) -> list[PiqaExample]:
     """--data-dir if given, else the bundled sample under --smoke, else the Hub."""
     if data_dir:
-        return read_release_split(Path(data_dir), split)
+        return read_release_split(Path(data_dir).expanduser(), split)
     if smoke:
         return read_release_split(SAMPLE_DIR, split)
     return read_hub_split(split)

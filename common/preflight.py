@@ -6,7 +6,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, get_scheduler
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
@@ -31,7 +32,12 @@ def check_trainer_arguments(args: ExperimentArguments, engine: EngineArguments, 
     try:
         training_args = build_training_arguments(args, engine, profile, precision, str(run_dir))
         Trainer.get_optimizer_cls_and_kwargs(training_args)  # a missing package (bitsandbytes, ...) shows here
-    except (ValueError, ImportError) as err:
+        # Schedules that need arguments the command line cannot give (min_lr, num_decay_steps) fail here, not after
+        # --overwrite has cleared the old run.
+        get_scheduler(training_args.lr_scheduler_type, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                      num_warmup_steps=0, num_training_steps=100,
+                      scheduler_specific_kwargs=training_args.lr_scheduler_kwargs)
+    except (ValueError, ImportError, TypeError) as err:
         raise ConfigError(f"the Trainer refuses these arguments: {str(err).strip().splitlines()[0]}") from err
     check_mixed_precision(training_args.mixed_precision, precision)
 

@@ -147,6 +147,10 @@ BAD_INPUTS = {
     "mistyped optimizer": (lambda: ["--smoke", "--optim", "adamw_torch_fusd"], "(did you mean 'adamw_torch_fused'?)"),
     "unknown scheduler": (lambda: ["--smoke", "--lr-scheduler-type", "bogus"],
                           "--lr-scheduler-type 'bogus' is not one of the Trainer's choices"),
+    "scheduler needing arguments": (lambda: ["--smoke", "--lr-scheduler-type", "cosine_with_min_lr"],
+                                    "the Trainer refuses these arguments: One of min_lr or min_lr_rate"),
+    "seed out of range": (lambda: ["--smoke", "--seed=-1"], "--seed must be in [0, 2**32), got -1"),
+    "empty data dir": (lambda: ["--smoke", "--data-dir", ""], "--data-dir is empty"),
     "optimizer package missing": (lambda: ["--smoke", "--optim", "adamw_anyprecision"],  # torchdistx: unmaintained
                                   "the Trainer refuses these arguments: Please install https://github.com/pytorch/torchdistx"),
     "max length cuts every answer": (lambda: ["--smoke", "--max-length", "1"],

@@ -108,3 +108,15 @@ def test_padding_never_counts_in_the_loss():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [5, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_data_dir_under_home_is_found_as_written(tmp_path, monkeypatch):
+    """`--data-dir ~/piqa` (or a config file's "data_dir") expands `~`, as --model and --output-dir do."""
+    import shutil
+
+    from common.data import load_split
+
+    sample = Path(__file__).resolve().parent.parent / "common" / "sample"
+    shutil.copytree(sample, tmp_path / "piqa")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_split("validation", "~/piqa") == load_split("validation", str(tmp_path / "piqa"))
