@@ -151,11 +151,14 @@ def test_benchmark_runs_a_configuration_data_parallel_on_two_processes(tmp_path)
 
 
 @pytest.mark.slow  # starts a process of its own (seconds)
-def test_nproc_and_warmup_are_checked_up_front():
+def test_options_and_the_model_are_checked_up_front():
+    """Before any configuration runs: a mistyped model fails once, not once per row."""
     for extra, message in ((["--nproc", "0"], "at least 1"), (["--nproc", "2", "--no-fork"], "--no-fork"),
-                           (["--warmup-steps", "0"], "--warmup-steps must be at least 1")):
+                           (["--warmup-steps", "0"], "--warmup-steps must be at least 1"),
+                           (["--model", "llama-3.2-1b-randm"], "--model llama-3.2-1b-randm: not in the local cache")):
         done = subprocess.run([sys.executable, "-m", "tools.benchmark", "--configs", "modified", *extra],
-                              cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
+                              cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False, capture_output=True,
+                              text=True, timeout=60)
         assert done.returncode == 2 and message in done.stderr
 
 

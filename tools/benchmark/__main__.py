@@ -88,6 +88,22 @@ def check_options(parser: argparse.ArgumentParser, options: argparse.Namespace) 
         parser.error("--measure-lengths needs --data-dir")
 
 
+def model_problem(model: str) -> tuple[str, str | None]:
+    """--model as the rows will load it, and why it cannot be loaded (None: it can), found once before any row runs:
+    a mistyped name must not fail every configuration in turn."""
+    from common import hub
+    from common.models import ModelLoadError, check_model_path, is_hub_id, load_tokenizer, resolve_model_argument
+
+    try:
+        model, _ = resolve_model_argument(model)
+        check_model_path(model)
+        hub.check_reachable({model: hub.MODEL_FIX} if is_hub_id(model) else {})
+        load_tokenizer(model)
+    except ModelLoadError as err:
+        return model, str(err)
+    return model, None
+
+
 def gpu_present() -> bool:
     """Whether NVML sees a GPU; asked without starting CUDA here, since the configurations are forked from this process."""
     try:
@@ -225,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     chosen = choose(parser, options, every)
+    options.model, problem = model_problem(options.model)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     from common.distributed import one_gpu_unless_distributed
     from common.monitor import GpuMonitor
@@ -252,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in reference_lines(report["rows"]) + evaluation_lines(report["rows"]):
         print(line)
     print(f"\nrows: {json_out}")
+    if report["rows"] and all("error" in r for r in report["rows"]):
+        print("error: every configuration failed (the rows say why)", file=sys.stderr)
+        return 1
     return 0
 
 
