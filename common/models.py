@@ -4,6 +4,8 @@ model, or the Llama-3.2-1B architecture with random weights (for speed and memor
 from __future__ import annotations
 
 import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -94,15 +96,31 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, token: str | Non
     path = Path(model)
     try:
         if path.suffix == ".gguf":
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            with gguf_alone(path) as folder:  # transformers prefers a tokenizer.json beside the file to the GGUF's own
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code, token=token)
     except Exception as err:
         raise ModelLoadError(explain_load_failure(model, err)) from err
+    probe = tokenizer("a")["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos != tokenizer.bos_token_id and probe and probe[-1] == eos:
+        raise ModelLoadError(f"--model {model}: its tokenizer ends every text with its end-of-sequence token, so a "
+                             "prompt would end the sequence before its answer: use a tokenizer that does not "
+                             "(add_eos_token false)")
     if tokenizer.pad_token is None:
         # Llama 3 ships no pad token; padding positions are masked out, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextlib.contextmanager
+def gguf_alone(path: Path) -> Iterator[Path]:
+    """A folder holding `path` alone (a link to it), so that what loads from it is the GGUF's own and not whatever
+    other files share its folder."""
+    with tempfile.TemporaryDirectory(prefix="gguf-") as folder:
+        (Path(folder) / path.name).symlink_to(path.resolve())
+        yield Path(folder)
 
 
 def looks_like_a_path(model: str) -> bool:

@@ -128,3 +128,48 @@ def test_the_cached_conversion_is_the_conversion(tmp_path, monkeypatch):
     assert cached.to_str() == converted.to_str()
     texts = sample_texts()
     assert [e.ids for e in cached.encode_batch(texts)] == [e.ids for e in converted.encode_batch(texts)]
+
+
+def test_a_gguf_tokenizer_is_the_files_own_whatever_shares_its_folder(tmp_path, monkeypatch):
+    """transformers prefers a tokenizer.json beside a .gguf to the GGUF's vocabulary: the file is loaded from a
+    folder of its own, so a model's tokenizer always comes with it."""
+    import transformers
+
+    from common import models
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "tokenizer.json").write_text("{}")  # another model's, say a run's final_model/
+    seen = {}
+
+    class Tokenizer:
+        pad_token, eos_token, eos_token_id, bos_token_id = "<pad>", "</s>", 2, 1
+
+        def __call__(self, text):
+            return {"input_ids": [1, 5]}
+
+    def from_pretrained(folder, gguf_file=None, **kwargs):
+        seen["files"] = sorted(p.name for p in Path(folder).iterdir())
+        seen["target"] = (Path(folder) / gguf_file).resolve()
+        return Tokenizer()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    models.load_tokenizer(str(tmp_path / "model.gguf"))
+    assert seen == {"files": ["model.gguf"], "target": (tmp_path / "model.gguf").resolve()}
+
+
+def test_a_tokenizer_that_ends_every_text_with_eos_is_refused(monkeypatch):
+    """The prompt and the answer are split by encoding the prompt alone: an EOS after it would end the sequence there
+    (and take the answer's first token's place)."""
+    import transformers
+
+    from common import models
+
+    class AppendsEos:
+        pad_token, eos_token, eos_token_id, bos_token_id = None, "</s>", 2, 1
+
+        def __call__(self, text):
+            return {"input_ids": [1, 5, 2]}
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: AppendsEos())
+    with pytest.raises(ModelLoadError, match="ends every text with its end-of-sequence token"):
+        models.load_tokenizer("some-org/appends-eos")
