@@ -164,6 +164,10 @@ def resolve_model_argument(model: str) -> tuple[str, str | None]:
     return str(path), None
 
 
+# A folder's tokenizer is one of these (fast, slow with its vocabulary, or sentencepiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def check_model_path(model: str) -> None:
     """Fail early, with a clear line, on a local path that cannot hold a model."""
     if not is_local_path(model):
@@ -177,8 +181,14 @@ def check_model_path(model: str) -> None:
                 raise ModelLoadError(f"--model {model}: not a GGUF file (it does not start with the GGUF magic bytes)")
         if problem := gguf_problem(path):
             raise ModelLoadError(f"--model {model}: {problem}")
-    elif path.is_dir() and not (path / "config.json").is_file():
+    elif path.is_file():
+        raise ModelLoadError(f"--model {model}: a file, not a model: pass the folder that holds it (config.json, the "
+                             "weights and the tokenizer's files), or a .gguf file")
+    elif not (path / "config.json").is_file():
         raise ModelLoadError(f"--model {model}: the directory holds no model (no config.json)")
+    elif not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"--model {model}: the directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                             "save the tokenizer beside the model (tokenizer.save_pretrained)")
 
 
 def load_model(model: str, tokenizer, trust_remote_code: bool = False, token: str | None = None,

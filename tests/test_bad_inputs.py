@@ -121,6 +121,10 @@ BAD_INPUTS = {
     "mistyped relative model path": (lambda: ["--smoke", "--model", "runs/basline/final_model"],
                                      "--model runs/basline/final_model: no such file or directory (runs/basline does"),
     "dir without model": (lambda: ["--smoke", "--model", "empty"], "the directory holds no model (no config.json)"),
+    "dir without tokenizer": (lambda: ["--smoke", "--model", str(write("weights-only/config.json", b"{}").parent)],
+                              "the directory holds no tokenizer"),
+    "a model's file, not its folder": (lambda: ["--smoke", "--model", str(write("m/config.json", b"{}"))],
+                                       "a file, not a model: pass the folder that holds it"),
     "run dir without final_model": (lambda: ["--smoke", "--model", INTERRUPTED], "a run directory without final_model/ (the run did not finish); it holds no checkpoint"),
     "truncated gguf": (lambda: ["--smoke", "--model", truncated_gguf()],
                        "--model model.gguf: truncated or corrupt GGUF file ("),
@@ -207,6 +211,7 @@ def mkdir(name: str) -> Path:
 
 
 def write(name: str, content: bytes) -> Path:
+    Path(name).parent.mkdir(parents=True, exist_ok=True)
     Path(name).write_bytes(content)
     return Path(name)
 
