@@ -87,11 +87,6 @@ class EngineArguments:
         metadata={"help": "With --loss answer-chunks: run a batch whose rows differ much in length as groups of similar "
                   "length, each padded to its own longest (common/engine/plan.py). --no-length-split: one pass."},
     )
-    pinned_index_copies: bool = field(
-        default=True,
-        metadata={"help": "Copy each batch's row and answer indices to the GPU from page-locked host memory, without "
-                  "waiting for the copy. --no-pinned-index-copies: ordinary copies."},
-    )
     train_sampling_strategy: str = field(
         default="group_by_length",
         metadata={"help": "'group_by_length': batches of similar length (little padding); 'random': plain shuffling."},

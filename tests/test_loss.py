@@ -250,7 +250,7 @@ def test_the_models_own_loss_gets_the_batch_without_its_plan(models):
 
 def test_the_plan_stays_on_the_host_through_accelerate_and_ddp():
     """accelerate's send_to_device and DDP's input copy move tensors, dataclasses and tuples to the GPU; the plan is
-    none of them, so its index tensors reach the forward as the collator made them (pinned on a GPU machine)."""
+    none of them, so its index tensors reach the forward as the collator made them."""
     from accelerate.utils import send_to_device
     from torch.distributed.utils import _recursive_to
 

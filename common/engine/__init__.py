@@ -47,7 +47,7 @@ class Engine:
     def collator(self, inner) -> PlannedCollator:
         """The training collator: `inner`'s batches with their plan. Only the answer-token loss splits a batch."""
         return PlannedCollator(inner, self.settings.pad_to_multiple_of, split=self.answer_tokens and
-                               self.settings.length_split, pin=self.settings.pinned_index_copies)
+                               self.settings.length_split)
 
     def before_forward(self, model: torch.nn.Module, inputs: dict) -> dict:
         """A training forward's inputs, once the budget has chosen the layers to checkpoint for them. `model` as the

@@ -104,20 +104,13 @@ class AnswerTokenForward:
             if p.rows is None:
                 pass_ids, pass_mask, pass_labels = input_ids, attention_mask, labels
             else:
-                rows = to_device(p.rows, device)
+                rows = p.rows.to(device)
                 pass_ids, pass_mask, pass_labels = (t.index_select(0, rows)[:, : p.length]
                                                     for t in (input_ids, attention_mask, labels))
             hidden = decoder(input_ids=pass_ids, attention_mask=pass_mask, **kwargs).last_hidden_state
             loss = loss + answer_token_loss(hidden, weight, pass_labels, num_items_in_batch,
-                                            answers=to_device(p.answers, device))
+                                            answers=p.answers.to(device))
         return CausalLMOutputWithPast(loss=loss)
-
-
-def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A plan's host tensor on `device`; from page-locked memory (the collator's pinned copy) without waiting."""
-    if device.type == "cuda":
-        return values.to(device, non_blocking=values.is_pinned())
-    return values.to(device)
 
 
 def use_answer_token_loss(lm: torch.nn.Module) -> None:

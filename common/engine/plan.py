@@ -44,12 +44,6 @@ class BatchPlan:
     def unsplit(self) -> BatchPlan:
         return BatchPlan([self.whole], self.whole, self.rows)
 
-    def pinned(self) -> BatchPlan:
-        """The plan's index tensors in page-locked memory: the forward copies them to the GPU without waiting."""
-        def pin(p: Pass) -> Pass:
-            return Pass(None if p.rows is None else p.rows.pin_memory(), p.length, p.answers.pin_memory())
-        return BatchPlan([pin(p) for p in self.passes], pin(self.whole), self.rows)
-
 
 def plan_batch(attention_mask: torch.Tensor, labels: torch.Tensor, length_multiple: int | None = None,
                split: bool = True) -> BatchPlan:
@@ -73,18 +67,17 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 class PlannedCollator:
-    """A training collator that adds the batch's plan under "plan" (its index tensors pinned with `pin`)."""
+    """A training collator that adds the batch's plan under "plan"."""
 
-    def __init__(self, inner, length_multiple: int | None = None, split: bool = True, pin: bool = False):
+    def __init__(self, inner, length_multiple: int | None = None, split: bool = True):
         self.inner = inner
         self.length_multiple = length_multiple
         self.split = split
-        self.pin = pin and torch.cuda.is_available()
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.inner(features)
         plan = plan_batch(batch["attention_mask"], batch["labels"], self.length_multiple, self.split)
-        batch["plan"] = plan.pinned() if self.pin else plan
+        batch["plan"] = plan
         return batch
 
 

@@ -3,6 +3,7 @@
 # densenetsmi.txt and console log (no checkpoints) into one tar under $OUT.
 #   bash docs/real_job/device_run.sh PIECE...
 #   PIECE: warm | imports | modified | modified-hostreg | baseline | caps | cap22 | caps-rest | snapshot22 | benchmark | engine-ab
+#          | epoch
 # Needs: .whl/ (liger-kernel 0.8.5, llama-models 0.3.0 wheels) and .device_data/piqa-valid-1000 (PIQA's first 1,000
 # validation examples, ../shared/data) beside the checkout.
 set -u
@@ -64,10 +65,21 @@ for piece in "$@"; do
           > $COLLECT/ab-$side.log 2>&1
         echo "engine-ab $side rc=$?" | tee -a $COLLECT/walls.txt
       done
-      python3 -m tools.benchmark --configs modified/no-split,modified/no-pinned-index,modified/no-liger,modified/budget-0 \
+      python3 -m tools.benchmark --configs modified/no-split,modified/no-liger,modified/budget-0 \
         --steps 123 --warmup-steps 3 --max-measure-s 60 --eval-examples 0 --deadline-s 200 \
         --json-out $COLLECT/ablation/benchmark.json > $COLLECT/ablation.log 2>&1
       echo "ablation rc=$?" | tee -a $COLLECT/walls.txt ;;
+    epoch)  # the scripts' steps over a whole epoch (3 + 123 steps), modified twice (its run-to-run spread), then the
+            # engine before its refactor (.before/) once more, on the machine the first rows warmed
+      python3 -m tools.benchmark --configs modified,baseline,modified --steps 123 --warmup-steps 3 --max-measure-s 200 \
+        --eval-examples 0 --json-out $COLLECT/epoch/benchmark.json > $COLLECT/epoch.log 2>&1
+      echo "epoch rc=$?" | tee -a $COLLECT/walls.txt
+      if [ -d .before ]; then
+        (cd .before && PYTHONPATH=/tmp/site:$PWD python3 -m tools.benchmark --configs modified --steps 123 \
+           --warmup-steps 3 --max-measure-s 200 --eval-examples 0 --json-out $COLLECT/epoch-before/benchmark.json) \
+          > $COLLECT/epoch-before.log 2>&1
+        echo "epoch-before rc=$?" | tee -a $COLLECT/walls.txt
+      fi ;;
     benchmark) python3 -m tools.benchmark --configs modified --steps 123 --max-measure-s 60 \
                  --json-out $COLLECT/benchmark/benchmark.json > $COLLECT/benchmark.log 2>&1
                echo "benchmark rc=$?" | tee -a $COLLECT/walls.txt ;;

@@ -119,14 +119,12 @@ def seed_original() -> BenchConfig:
 
 
 def engine_variants(batch_size: int) -> list[BenchConfig]:
-    """The shared engine with one setting changed (the loss, Liger, the length split, the pinned index copies, the
-    activation budget, checkpointing, padding to a multiple), per profile: the 'explore' rows."""
+    """The shared engine with one setting changed (the loss, Liger, the length split, the activation budget,
+    checkpointing, padding to a multiple), per profile: the 'explore' rows."""
     variants = [
         ("loss-liger-fused", {"loss": "liger-fused"}, "Liger's fused linear cross-entropy over every position"),
         ("no-liger", {"liger": False}, "no Liger kernels (PyTorch's SwiGLU and RoPE)"),
         ("no-split", {"length_split": False}, "every batch in one decoder pass (no length split)"),
-        ("no-pinned-index", {"pinned_index_copies": False},
-         "the batch plan's index tensors copied to the GPU from pageable memory (a wait per copy)"),
         ("budget-0", {"activation_budget_gib": 0.0}, "every decoder layer checkpointed (no activation budget)"),
         ("budget-3", {"activation_budget_gib": 3.0}, "checkpointing within a 3 GiB activation budget"),
         ("budget-12", {"activation_budget_gib": 12.0}, "checkpointing within a 12 GiB activation budget"),
